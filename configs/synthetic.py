@@ -1,0 +1,97 @@
+"""The paper's synthetic experiment (Sec. 5.2): squares vs circles, 128x128, unpaired.
+
+Variants (``--config=configs/synthetic.py:VARIANT``):
+  (none)        the paper's settings, two layers (square, circle).
+  quick         a few-minute CPU run at 64x64 that shows the test MSE falling.
+  three_layers  Sec. 5.4: square, circle, triangle, 5000 images.
+  three_layers_quick  the quick run with three layers.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- data -----------------------------------------------------------------
+  c.dataset = "synthetic"
+  c.image_size = 128  # paper Sec. 5.1: 128x128
+  c.layer_names = ("square", "circle")  # one name per layer; outputs and metrics use them
+  c.shapes = ("square", "circle")  # synthetic shape kind of each layer (square/circle/triangle)
+  c.num_train = 4000  # paper: 4000 training images (unpaired: x, y, z drawn independently)
+  c.num_test = 1000  # paper: 1000 test images (ground-truth triplets)
+  c.blend_mode = "additive"  # x = y ⊕ z of eq. (1): 'additive' (reflection, toy) or 'multiplicative' (intrinsic)
+
+  # --- model ----------------------------------------------------------------
+  c.encoder_features = (16, 32, 64, 128, 256)  # E: five 4x4 stride-2 convs (Sec. 4)
+  c.decoder_features = (128, 64, 32, 16, 16)  # G: the encoder's layers reversed, then a 3-channel conv
+  c.norm = "batch"  # Sec. 4: batch normalisation after every conv ('batch', 'instance', 'none')
+  c.upsample = "subpixel"  # 4x4 stride-2 up-conv; 'subpixel' == 'transpose' maths, faster on CPU
+  c.output_activation = "none"  # 'none' (authors' code) or 'sigmoid'
+  c.disc_branches = 1  # Sec. 4: 1 branch for synthetic data, 3 for real images
+  c.disc_features = (32, 64, 128, 32)  # Sec. 4: each branch has 4 convs, 4x4, stride 2
+  # How to normalise at evaluation: 'per_image' uses each image's own statistics,
+  # exactly as training does with one image per batch (paper), 'running' the
+  # BatchNorm running averages (better when training with large batches).
+  c.eval_norm_stats = "per_image"
+
+  # --- losses (eqs. 5-9) ----------------------------------------------------
+  c.gan_loss = "nsgan"  # eq. (7) log form ('nsgan'), or UNIT's least squares ('lsgan')
+  c.lambda0 = 5.0  # λ0: weight of the GAN terms, eq. (7)
+  c.lambda_intra = (0.5, 0.5)  # λ1, λ2: intra-domain L1 terms of eq. (5), one per layer
+  c.lambda_inter = 1.0  # λ3: inter-domain term 1 - d_psi of eq. (5)
+  # λ4, λ5, λ6 of eq. (8). Sec. 4 lists 1.0, but Sec. 5.2 finds w2 = 10 best in
+  # eq. (9) and concludes "this suggests λ4 = λ5 = λ6 = 10.0 in the experiment".
+  c.lambda_cycle_x = 10.0  # λ4
+  c.lambda_cycle_layers = (10.0, 10.0)  # λ5, λ6: one per layer
+  c.alpha = 1.4  # α of the modified sigmoid, eq. (6)
+  c.w1 = 1.0  # w1 of eq. (9), multiplies L_SS
+  c.w2 = 1.0  # w2 of eq. (9), multiplies L_CC (already folded into λ4..λ6 = 10)
+  # Where the SS distance is measured. Paper: on the latent code (the last encoder
+  # level, index 4), elementwise. The authors' earlier code: 'mean' mode (d_psi of
+  # ss_scale x mean L1 per level) over levels (1, 2, 3, 4).
+  c.ss_mode = "elementwise"
+  c.ss_levels = (4,)
+  c.ss_scale = 10.0
+  # Gradient penalty (Sec. 4 "with gradient penalization"; weight not given):
+  # R1 on real layer samples, gamma below. 0 disables it.
+  c.gp_weight = 1.0
+
+  # --- optimisation ---------------------------------------------------------
+  c.learning_rate = 1e-4  # Sec. 4: Adam, lr 0.0001
+  c.b1 = 0.0  # Sec. 4: momentums 0.0 and 0.9
+  c.b2 = 0.9
+  c.lr_schedule = "constant"  # 'constant' or 'linear_decay' (to 0 over the second half)
+  c.per_device_batch_size = 1  # Sec. 4: one x, one y, one z per mini-batch
+  c.num_train_steps = 100_000  # not stated in the paper
+
+  # --- loop -----------------------------------------------------------------
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.num_eval_images = 1000  # test triplets used by the periodic evaluation
+  c.eval_batch_size = 50
+  c.checkpoint_every_steps = 5000
+  c.keep_checkpoints = 3
+  c.num_sample_images = 6  # columns of the PNG sample grid
+
+  if variant in (None, ""):
+    pass
+  elif variant in ("quick", "three_layers", "three_layers_quick"):
+    if variant.startswith("three_layers"):
+      c.layer_names = ("square", "circle", "triangle")
+      c.shapes = ("square", "circle", "triangle")
+      c.num_train = 5000  # Sec. 5.4: 5000 images
+      c.lambda_intra = (0.5, 0.5, 0.5)
+      c.lambda_cycle_layers = (10.0, 10.0, 10.0)
+    if variant.endswith("quick"):
+      c.image_size = 64
+      c.num_train_steps = 1500
+      c.log_every_steps = 100
+      c.eval_every_steps = 500
+      c.num_eval_images = 200
+      c.checkpoint_every_steps = 500
+  else:
+    raise ValueError(f"unknown config variant {variant!r}: expected one of "
+                     "'', 'quick', 'three_layers', 'three_layers_quick'")
+  return c

@@ -1,0 +1,1 @@
+"""Data: renderers and input pipelines (numpy only; no models, no training)."""

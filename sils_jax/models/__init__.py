@@ -1,0 +1,1 @@
+"""Flax modules: architecture only (no losses, no data, no training)."""

@@ -1,0 +1,88 @@
+"""4x4 stride-2 transposed convolution in sub-pixel form.
+
+A ``nn.ConvTranspose(F, (4, 4), strides=(2, 2), padding='SAME')`` maps an HxW
+input to 2Hx2W. Each of the four output phases (row parity, column parity) only
+sees a 2x2 subset of the 4x4 taps, applied to a 3x3 neighbourhood of the input.
+So the same operator is a stride-1 3x3 convolution to 4F channels (one group of F
+per phase, with the taps a phase does not use held at zero) followed by
+depth-to-space. The parameters keep the ``ConvTranspose`` layout (``kernel``
+4x4xCinxF, ``bias`` F): the two forms are interchangeable on the same weights,
+which ``tests/test_models.py`` checks.
+
+Why: on XLA:CPU the weight gradient of ``ConvTranspose`` is 10-20x slower than a
+plain convolution's (see ``../shared/STYLE.md``); the sub-pixel form runs at the
+speed of a normal conv on every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# For a 1-D transposed conv with kernel 4, stride 2 and lax 'SAME' padding
+# (pad 2 on both sides of the dilated input), output o = 2m + p receives
+# x[m + d] * k[2d + 2 - p] for input offset d in {-1, 0, 1}. Index 4 points to
+# an appended zero tap. Rows: d + 1; columns: phase p.
+_TAP = np.array([[0, 4], [2, 1], [4, 3]], dtype=np.int32)
+
+
+def subpixel_kernel(kernel: jax.Array) -> jax.Array:
+  """Maps a (4, 4, Cin, F) transposed-conv kernel to a (3, 3, Cin, 4F) conv kernel.
+
+  Output channel order is (row phase, column phase, F).
+  """
+  kh, kw, cin, feat = kernel.shape
+  if (kh, kw) != (4, 4):
+    raise ValueError(f"subpixel_kernel expects a 4x4 kernel, got {kernel.shape}")
+  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  rows = padded[_TAP]  # (3 dy, 2 py, 5, Cin, F)
+  taps = rows[:, :, _TAP]  # (3 dy, 2 py, 3 dx, 2 px, Cin, F)
+  taps = jnp.transpose(taps, (0, 2, 4, 1, 3, 5))  # (dy, dx, Cin, py, px, F)
+  return taps.reshape(3, 3, cin, 4 * feat)
+
+
+def depth_to_space(x: jax.Array, features: int) -> jax.Array:
+  """(B, H, W, 2*2*F) with channel order (py, px, F) -> (B, 2H, 2W, F)."""
+  b, h, w, _ = x.shape
+  x = x.reshape(b, h, w, 2, 2, features)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, 2 * h, 2 * w, features)
+
+
+class SubpixelConvTranspose(nn.Module):
+  """Equivalent of ``nn.ConvTranspose(features, (4, 4), (2, 2), 'SAME')``."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (4, 4, cin, self.features),
+                        self.param_dtype)
+    dtype = self.dtype or x.dtype
+    w = subpixel_kernel(kernel).astype(dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), w, window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + jnp.tile(bias.astype(dtype), 4)
+    return depth_to_space(y, self.features)
+
+
+def upsample_conv(features: int, impl: str, *, dtype: Any = None, name: str | None = None) -> nn.Module:
+  """A 4x4 stride-2 upsampling conv, ``impl`` in {'subpixel', 'transpose'} (same maths)."""
+  if impl == "subpixel":
+    return SubpixelConvTranspose(features, dtype=dtype, name=name)
+  if impl == "transpose":
+    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", dtype=dtype, name=name)
+  raise ValueError(f"config.upsample must be 'subpixel' or 'transpose', got {impl!r}")

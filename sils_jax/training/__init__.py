@@ -1,0 +1,1 @@
+"""Wires formulas, models and data together: states, the train step, the loop."""

@@ -1,0 +1,52 @@
+"""Orbax checkpoints of the generator and discriminator states in WORKDIR/checkpoints.
+
+Everything the run needs to continue is in the states and the step: the data order
+is a pure function of (seed, step) and the train step draws no randomness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from sils_jax.training.config_checks import ConfigError
+
+# Fields that change the parameter shapes or the meaning of the saved state; a
+# resumed run must agree on them. Others (num_train_steps, logging) may change.
+ARCHITECTURE_FIELDS = ("layer_names", "image_size", "encoder_features", "decoder_features", "norm",
+                       "disc_branches", "disc_features", "upsample", "output_activation")
+
+
+def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, g_state, d_state, config) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"g": g_state, "d": d_state}),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+
+
+def check_compatible(saved: dict, config) -> None:
+  for field in ARCHITECTURE_FIELDS:
+    now = json.loads(json.dumps(config.to_dict().get(field)))
+    if field in saved and saved[field] != now:
+      raise ConfigError(f"config.{field} differs from the checkpoint's ({saved[field]!r} there, "
+                       f"{now!r} now): it changes the model, so the run cannot resume. "
+                       "Use a new --workdir, or restore the field.")
+
+
+def restore_latest(manager: ocp.CheckpointManager, g_state, d_state, config, step: int | None = None):
+  """Returns (g_state, d_state, step) from the latest (or given) checkpoint, or the inputs and 0."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return g_state, d_state, 0
+  saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  check_compatible(saved_config, config)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"g": g_state, "d": d_state})
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return restored["state"]["g"], restored["state"]["d"], int(step)

@@ -1,0 +1,61 @@
+"""Validation of user configs: one clear error per mistake, naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sils_jax import blend
+
+DATASETS = ("synthetic",)
+GAN_LOSSES = ("nsgan", "lsgan")
+SS_MODES = ("elementwise", "mean")
+LR_SCHEDULES = ("constant", "linear_decay")
+EVAL_NORM_STATS = ("per_image", "running")
+
+
+class ConfigError(ValueError):
+  """A config field has a value the program cannot use."""
+
+
+def _need(cond: bool, field: str, expected: str, got: Any) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: expected {expected}, got {got!r}")
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad field."""
+  n = len(config.layer_names)
+  _need(config.dataset in DATASETS, "dataset", f"one of {DATASETS}", config.dataset)
+  _need(n >= 2, "layer_names", "at least two layer names", config.layer_names)
+  _need(len(set(config.layer_names)) == n, "layer_names", "distinct names", config.layer_names)
+  for name in config.layer_names:
+    _need(isinstance(name, str) and name.isidentifier(), "layer_names",
+          "names usable in file names (letters, digits, _)", name)
+  if config.dataset == "synthetic":
+    _need(len(config.shapes) == n, "shapes", f"{n} shape kinds (one per layer name)", config.shapes)
+  _need(config.blend_mode in blend.MODES, "blend_mode", f"one of {blend.MODES}", config.blend_mode)
+  depth = len(config.encoder_features)
+  _need(len(config.decoder_features) == depth, "decoder_features",
+        f"{depth} entries (one per encoder level)", config.decoder_features)
+  _need(config.image_size % (2 ** depth) == 0, "image_size",
+        f"a multiple of 2**{depth} = {2 ** depth} (the encoder halves it {depth} times)", config.image_size)
+  _need(config.disc_branches >= 1, "disc_branches", "an integer >= 1", config.disc_branches)
+  _need(config.gan_loss in GAN_LOSSES, "gan_loss", f"one of {GAN_LOSSES}", config.gan_loss)
+  _need(len(config.lambda_intra) == n, "lambda_intra", f"{n} weights (λ1, λ2, ... one per layer)",
+        config.lambda_intra)
+  _need(len(config.lambda_cycle_layers) == n, "lambda_cycle_layers",
+        f"{n} weights (λ5, λ6, ... one per layer)", config.lambda_cycle_layers)
+  _need(config.alpha > 0, "alpha", "a positive number", config.alpha)
+  _need(config.ss_mode in SS_MODES, "ss_mode", f"one of {SS_MODES}", config.ss_mode)
+  _need(len(config.ss_levels) >= 1 and all(0 <= int(l) < depth for l in config.ss_levels),
+        "ss_levels", f"encoder level indices in [0, {depth - 1}]", config.ss_levels)
+  _need(config.gp_weight >= 0, "gp_weight", "a number >= 0", config.gp_weight)
+  _need(config.learning_rate > 0, "learning_rate", "a positive number", config.learning_rate)
+  _need(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}", config.lr_schedule)
+  _need(config.per_device_batch_size >= 1, "per_device_batch_size", "an integer >= 1",
+        config.per_device_batch_size)
+  _need(config.num_train_steps >= 1, "num_train_steps", "an integer >= 1", config.num_train_steps)
+  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "eval_batch_size"):
+    _need(config[field] >= 1, field, "an integer >= 1", config[field])
+  _need(config.eval_norm_stats in EVAL_NORM_STATS, "eval_norm_stats", f"one of {EVAL_NORM_STATS}",
+        config.eval_norm_stats)

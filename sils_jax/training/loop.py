@@ -1,0 +1,148 @@
+"""The training loop: data -> pmapped step -> logs, evaluation, samples, checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sils_jax import blend, metrics
+from sils_jax.data.synthetic import SyntheticLayers
+from sils_jax.image_grid import make_grid, save_png
+from sils_jax.training import checkpoints, config_checks
+from sils_jax.training.devices import replicate, shard, unreplicate
+from sils_jax.training.state import AXIS, create_states, init_key, learning_rate_fn, make_generator
+from sils_jax.training.step import LossConfig, predict, train_step
+
+
+def make_dataset(config) -> SyntheticLayers:
+  return SyntheticLayers(image_size=config.image_size, shapes=tuple(config.shapes),
+                         num_train=config.num_train, num_test=config.num_test, seed=config.seed)
+
+
+class Evaluator:
+  """Test MSE per layer on the held-out ground-truth triplets, plus sample grids."""
+
+  def __init__(self, config, data: SyntheticLayers):
+    self.config = config
+    self.names = tuple(config.layer_names)
+    count = min(config.num_eval_images, config.num_test)
+    self.test = data.test_arrays(count)
+    model = make_generator(config, axis_name=None)
+    self._predict = jax.jit(functools.partial(predict, model, norm_stats=config.eval_norm_stats))
+    self.baselines = {kind: {k: float(v) * 100 for k, v in per.items()}
+                      for kind, per in metrics.trivial_baselines(
+                          self.test["x"], self.test["layers"], self.names).items()}
+
+  def predict(self, g_state, x: np.ndarray) -> np.ndarray:
+    bs = self.config.eval_batch_size
+    outs = [np.asarray(self._predict(g_state.params, g_state.batch_stats, x[i:i + bs]))
+            for i in range(0, len(x), bs)]
+    return np.clip(np.concatenate(outs), 0.0, 1.0)
+
+  def evaluate(self, g_state) -> dict[str, float]:
+    pred = self.predict(g_state, self.test["x"])
+    per = metrics.per_layer_mse(pred, self.test["layers"], self.names)
+    out = {f"mse100_{k}": float(v) * 100 for k, v in per.items()}
+    out["mse100_mean"] = float(np.mean(list(out.values())))
+    return out
+
+  def samples(self, g_state) -> np.ndarray:
+    k = self.config.num_sample_images
+    x, true = self.test["x"][:k], self.test["layers"][:k]
+    pred = self.predict(g_state, x)
+    recomposed = np.asarray(blend.compose(np.moveaxis(pred, 1, 0), self.config.blend_mode))
+    n = len(self.names)
+    rows = [x] + [pred[:, i] for i in range(n)] + [true[:, i] for i in range(n)] + [recomposed]
+    return make_grid(rows)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains as the config says, writing into ``workdir``; returns the last evaluation."""
+  config_checks.validate(config)
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  num_devices = jax.local_device_count()
+  global_batch = config.per_device_batch_size * jax.device_count()
+  logging.info("devices: %d local (%s), %d processes; global batch %d",
+               num_devices, jax.devices()[0].platform, jax.process_count(), global_batch)
+
+  data = make_dataset(config)
+  g_state, d_state = create_states(config, init_key(config.seed))
+  manager = checkpoints.make_manager(workdir, config)
+  g_state, d_state, start_step = checkpoints.restore_latest(manager, g_state, d_state, config)
+  if start_step:
+    logging.info("resumed from the checkpoint at step %d", start_step)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  cfg = LossConfig.from_config(config)
+  p_step = jax.pmap(functools.partial(train_step, cfg=cfg), axis_name=AXIS, donate_argnums=(0, 1))
+  g_rep, d_rep = replicate(g_state), replicate(d_state)
+  del g_state, d_state
+  evaluator = Evaluator(config, data)
+  lr_fn = learning_rate_fn(config)
+  logging.info("baselines on %d test images, MSE x100: %s", len(evaluator.test["x"]),
+               json.dumps(evaluator.baselines))
+  if lead:
+    with open(os.path.join(workdir, "baselines.json"), "w") as f:
+      json.dump(evaluator.baselines, f, indent=2)
+
+  total = config.num_train_steps
+  last_eval: dict[str, Any] = {}
+  t_last, step_last = time.time(), start_step
+  for step in range(start_step, total):
+    batch = data.train_batch(step, global_batch, shard_index=jax.process_index(),
+                             num_shards=jax.process_count())
+    g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, shard(batch))
+    done = step + 1
+    is_last = done == total
+    if done % config.log_every_steps == 0 or is_last:
+      m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
+      now = time.time()
+      rate = (done - step_last) / max(now - t_last, 1e-9)
+      t_last, step_last = now, done
+      m.update(step=done, lr=float(lr_fn(done - 1)), steps_per_s=rate, img_per_s=rate * global_batch)
+      for k, v in m.items():
+        if isinstance(v, float) and not np.isfinite(v):
+          raise FloatingPointError(f"step {done}: training metric {k!r} is {v}; stopping "
+                                   "(the last checkpoint on disk is intact)")
+      logging.info("step %d/%d  %.2f steps/s  eta %s  g %.4f (ss %.4f gan %.4f cc %.4f)  d %.4f",
+                   done, total, rate, _eta((total - done) / max(rate, 1e-9)), m["g_total"], m["ss"],
+                   m["gan_g"], m["cc"], m["d_total"])
+      if lead:
+        _append_jsonl(os.path.join(workdir, "train_metrics.jsonl"), m)
+    if done % config.eval_every_steps == 0 or is_last:
+      g_host = unreplicate(g_rep)
+      last_eval = {"step": done, **evaluator.evaluate(g_host)}
+      logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", done,
+                   {k: round(v, 4) for k, v in last_eval.items() if k.startswith("mse")},
+                   {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
+      if lead:
+        _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), last_eval)
+        save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), evaluator.samples(g_host))
+    if done % config.checkpoint_every_steps == 0 or is_last:
+      checkpoints.save(manager, done, unreplicate(g_rep), unreplicate(d_rep), config)
+  manager.wait_until_finished()
+  manager.close()
+  if not last_eval:  # resumed at the end: evaluate what is there
+    last_eval = {"step": total, **evaluator.evaluate(unreplicate(g_rep))}
+  return last_eval
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

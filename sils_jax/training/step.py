@@ -1,0 +1,157 @@
+"""The train step (generator update, then discriminator update) and prediction.
+
+Sec. 4: "a gradient descent step first updates E_Y, E_Z, G_Y and G_Z with fixed
+D_Y and D_Z, then another gradient descent step updates D_Y and D_Z with fixed
+E_Y, E_Z, G_Y and G_Z." The discriminator step reuses the fake layers of the
+generator pass (computed with the pre-update generator, as CycleGAN does); a
+second generator forward pass would double the cost of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sils_jax import blend, losses
+from sils_jax.training.state import AXIS
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The hyper-parameters of eqs. (5)-(9), hashable so the step can close over it."""
+  blend_mode: str
+  gan_loss: str
+  lambda0: float
+  lambda_intra: tuple[float, ...]
+  lambda_inter: float
+  lambda_cycle_x: float
+  lambda_cycle_layers: tuple[float, ...]
+  alpha: float
+  w1: float
+  w2: float
+  ss_mode: str
+  ss_levels: tuple[int, ...]
+  ss_scale: float
+  gp_weight: float
+
+  @classmethod
+  def from_config(cls, config) -> "LossConfig":
+    return cls(
+        blend_mode=config.blend_mode, gan_loss=config.gan_loss, lambda0=float(config.lambda0),
+        lambda_intra=tuple(float(v) for v in config.lambda_intra),
+        lambda_inter=float(config.lambda_inter), lambda_cycle_x=float(config.lambda_cycle_x),
+        lambda_cycle_layers=tuple(float(v) for v in config.lambda_cycle_layers),
+        alpha=float(config.alpha), w1=float(config.w1), w2=float(config.w2), ss_mode=config.ss_mode,
+        ss_levels=tuple(int(l) for l in config.ss_levels), ss_scale=float(config.ss_scale),
+        gp_weight=float(config.gp_weight))
+
+
+def _levels(codes: list[list[jax.Array]], levels: tuple[int, ...]) -> list[Any]:
+  picked = [[c[l] for l in levels] for c in codes]
+  return [p[0] if len(p) == 1 else p for p in picked]
+
+
+def _unstack(layers: jax.Array) -> list[jax.Array]:
+  return [layers[:, k] for k in range(layers.shape[1])]
+
+
+def generator_loss(g_params, g_state, d_params, d_apply, batch, cfg: LossConfig):
+  """Eq. (9), generator side: w1 L_SS + λ0 L_GAN + w2 L_CC (λ4..λ6 inside L_CC)."""
+  x, real_layers = batch["x"], batch["layers"]
+  stats = g_state.batch_stats
+
+  def run(method, inp):
+    nonlocal stats
+    out, upd = g_state.apply_fn({"params": g_params, "batch_stats": stats}, inp, train=True,
+                                method=method, mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+    return out
+
+  codes_x, preds = run("separate", x)  # f_k = E_k(x), y'_k = G_k(f_k)
+  codes_layers = run("encode_layers", real_layers)  # E_k(y_k), unpaired y_k
+  x_rec = blend.compose(jnp.moveaxis(preds, 1, 0), cfg.blend_mode)  # x' = y' ⊕ z'
+  _, cycles = run("separate", x_rec)  # G_k(E_k(x'))
+
+  ss = losses.ss_loss(_levels(codes_x, cfg.ss_levels), _levels(codes_layers, cfg.ss_levels),
+                      lambda_intra=cfg.lambda_intra, lambda_inter=cfg.lambda_inter, alpha=cfg.alpha,
+                      mode=cfg.ss_mode, scale=cfg.ss_scale)
+  fake_logits = d_apply({"params": d_params}, preds)
+  gan_terms = [losses.gan_g_loss(cfg.gan_loss, fl) for fl in fake_logits]
+  gan_g = sum(gan_terms)
+  cc = losses.cycle_losses(x, _unstack(preds), x_rec, _unstack(cycles), lambda_x=cfg.lambda_cycle_x,
+                           lambda_layers=cfg.lambda_cycle_layers)
+  total = losses.generator_objective(ss["ss"], gan_g, cc["cc"], lambda0=cfg.lambda0, w1=cfg.w1, w2=cfg.w2)
+  metrics = {**ss, **cc, "gan_g": gan_g, "g_total": total}
+  for k, t in enumerate(gan_terms):
+    metrics[f"gan_g_{k}"] = t
+  return total, (metrics, stats, preds)
+
+
+def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossConfig):
+  """Eq. (7), discriminator side, plus the R1 gradient penalty on real layers."""
+  real_logits = d_apply({"params": d_params}, real_layers)
+  fake_logits = d_apply({"params": d_params}, fake_layers)
+  terms = [losses.gan_d_loss(cfg.gan_loss, r, f) for r, f in zip(real_logits, fake_logits)]
+  gan_d = sum(terms)
+  metrics = {"gan_d": gan_d}
+  for k, t in enumerate(terms):
+    metrics[f"gan_d_{k}"] = t
+  gp = jnp.zeros(())
+  if cfg.gp_weight > 0:
+    def summed_logits(r):
+      return sum(jnp.sum(l) for branches in d_apply({"params": d_params}, r) for l in branches)
+    grad_real = jax.grad(summed_logits)(real_layers)
+    gp = sum(losses.r1_penalty(grad_real[:, k]) for k in range(real_layers.shape[1]))
+  metrics["r1"] = gp
+  total = losses.discriminator_objective(gan_d, lambda0=cfg.lambda0, gp=gp, gp_weight=cfg.gp_weight)
+  metrics["d_total"] = total
+  return total, metrics
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
+
+
+def train_step(g_state, d_state, batch, cfg: LossConfig):
+  """One generator update then one discriminator update; call under pmap(axis_name='batch').
+
+  batch: {'x': [b, H, W, 3], 'layers': [b, N, H, W, 3]} per device; x and the
+  layers are unpaired. Gradients, BatchNorm statistics and metrics are averaged
+  over the devices, so N devices x b images equal one device with N*b images.
+  """
+  (_, (g_metrics, new_stats, preds)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+      g_state.params, g_state, d_state.params, d_state.apply_fn, batch, cfg)
+  g_grads = jax.lax.pmean(g_grads, AXIS)
+  new_stats = jax.lax.pmean(new_stats, AXIS)
+  g_state = g_state.apply_gradients(grads=g_grads, batch_stats=new_stats)
+
+  fakes = jax.lax.stop_gradient(preds)
+  (_, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+      d_state.params, d_state.apply_fn, batch["layers"], fakes, cfg)
+  d_grads = jax.lax.pmean(d_grads, AXIS)
+  d_state = d_state.apply_gradients(grads=d_grads)
+
+  metrics = {**g_metrics, **d_metrics, "g_grad_norm": _global_norm(g_grads),
+             "d_grad_norm": _global_norm(d_grads)}
+  metrics = jax.lax.pmean(metrics, AXIS)
+  return g_state, d_state, metrics
+
+
+def predict(model, params, batch_stats, x: jax.Array, *, norm_stats: str) -> jax.Array:
+  """Separated layers [B, N, H, W, 3] for images x [B, H, W, 3] in [0, 1].
+
+  ``model`` must be built with ``bn_axis_name=None``. norm_stats='running' uses
+  the BatchNorm running averages; 'per_image' normalises every image with its own
+  statistics, exactly as training with one image per batch does.
+  """
+  variables = {"params": params, "batch_stats": batch_stats}
+  if norm_stats == "running":
+    return model.apply(variables, x, train=False)
+
+  def one(xi):
+    out, _ = model.apply(variables, xi[None], train=True, mutable=["batch_stats"])
+    return out[0]
+  return jax.vmap(one)(x)

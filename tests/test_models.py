@@ -1,0 +1,106 @@
+"""Architecture checks: shapes, the sub-pixel up-conv identity, discriminator branches."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sils_jax.models.discriminator import Discriminator, LayerDiscriminators, downsample
+from sils_jax.models.separator import LayerSeparator
+from sils_jax.models.unet import Encoder
+from sils_jax.models.upsample import SubpixelConvTranspose, upsample_conv
+
+
+@pytest.mark.parametrize("shape,features", [((2, 5, 7, 3), 4), ((1, 8, 8, 16), 8), ((3, 1, 2, 2), 1)])
+def test_subpixel_equals_conv_transpose(shape, features):
+  x = jax.random.normal(jax.random.key(0), shape)
+  ref = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME")
+  params = ref.init(jax.random.key(1), x)
+  # non-zero bias too, so the bias layout is checked
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)
+  want = ref.apply(params, x)
+  got = SubpixelConvTranspose(features).apply(params, x)
+  assert got.shape == want.shape == (shape[0], 2 * shape[1], 2 * shape[2], features)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # and the gradients w.r.t. the shared kernel agree
+  g_ref = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
+  g_sub = jax.grad(lambda p: jnp.sum(SubpixelConvTranspose(features).apply(p, x) ** 2))(params)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_sub)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_upsample_conv_rejects_unknown_impl():
+  with pytest.raises(ValueError, match="config.upsample"):
+    upsample_conv(4, "bilinear")
+
+
+def test_encoder_levels_and_latent_shape():
+  enc = Encoder(features=(16, 32, 64, 128, 256))
+  x = jnp.zeros((2, 64, 64, 3))
+  v = enc.init(jax.random.key(0), x, train=False)
+  feats = enc.apply(v, x, train=False)
+  assert [f.shape for f in feats] == [(2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64), (2, 4, 4, 128),
+                                      (2, 2, 2, 256)]
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_separator_streams_are_unshared_and_callable_separately(num_layers):
+  m = LayerSeparator(num_layers=num_layers, encoder_features=(4, 8, 8, 8, 8), decoder_features=(8, 8, 8, 4, 4))
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  v = m.init(jax.random.key(1), x, train=False)
+  assert sorted(v["params"]) == sorted([f"E{k}" for k in range(num_layers)] + [f"G{k}" for k in range(num_layers)])
+  k0 = v["params"]["E0"]["conv0"]["kernel"]
+  k1 = v["params"]["E1"]["conv0"]["kernel"]
+  assert not np.allclose(k0, k1)  # same structure, separate parameters
+  layers = m.apply(v, x)
+  assert layers.shape == (2, num_layers, 32, 32, 3)
+  codes = m.apply(v, x, train=False, method="encode")
+  assert len(codes) == num_layers and codes[0][-1].shape == (2, 1, 1, 8)
+  decoded = m.apply(v, codes, train=False, method="decode")
+  np.testing.assert_allclose(decoded, layers, atol=1e-6)
+  per_layer = m.apply(v, jnp.stack([x] * num_layers, axis=1), train=False, method="encode_layers")
+  for a, b in zip(jax.tree.leaves(per_layer), jax.tree.leaves(codes)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_batchnorm_in_training_normalises_each_batch():
+  m = LayerSeparator(num_layers=2, encoder_features=(4, 4, 4, 4, 4), decoder_features=(4, 4, 4, 4, 4))
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  v = m.init(jax.random.key(1), x, train=False)
+  (codes, _), upd = m.apply(v, x, train=True, method="separate", mutable=["batch_stats"])
+  assert "batch_stats" in upd
+  # BN output (before leaky ReLU) has zero mean per channel; after leaky ReLU the
+  # negative half shrinks, so the mean is >= 0 and the features are not constant.
+  f = codes[0][0]
+  assert f.std() > 0.1
+
+
+def test_downsample_is_unit_avgpool_without_padding():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  y = downsample(x)
+  assert y.shape == (1, 2, 2, 1)
+  # corner window covers rows/cols {0,1} only (padding not counted)
+  assert float(y[0, 0, 0, 0]) == pytest.approx(np.mean([0, 1, 4, 5]))
+  # interior window (rows 1..3, cols 1..3)
+  assert float(y[0, 1, 1, 0]) == pytest.approx(np.mean([5, 6, 7, 9, 10, 11, 13, 14, 15]))
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_discriminator_branches(branches):
+  d = LayerDiscriminators(num_layers=2, num_branches=branches)
+  layers = jnp.zeros((2, 2, 64, 64, 3))
+  v = d.init(jax.random.key(0), layers)
+  out = d.apply(v, layers)
+  assert len(out) == 2 and all(len(o) == branches for o in out)
+  assert [o.shape for o in out[0]] == [(2, 4 // 2 ** b, 4 // 2 ** b, 1) for b in range(branches)]
+  # the two layers' discriminators have separate parameters
+  assert not np.allclose(v["params"]["d0"]["branch0_conv0"]["kernel"], v["params"]["d1"]["branch0_conv0"]["kernel"])
+  with pytest.raises(ValueError, match="expected layers of shape"):
+    d.apply(v, jnp.zeros((2, 3, 64, 64, 3)))
+
+
+def test_discriminator_init_is_small_normal():
+  v = Discriminator().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  k = np.asarray(v["params"]["branch0_conv1"]["kernel"])
+  assert 0.015 < k.std() < 0.025  # N(0, 0.02), as UNIT

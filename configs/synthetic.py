@@ -86,11 +86,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       c.lambda_cycle_layers = (10.0, 10.0, 10.0)
     if variant.endswith("quick"):
       c.image_size = 64
-      c.num_train_steps = 1500
+      c.num_train_steps = 1000
       c.log_every_steps = 100
-      c.eval_every_steps = 500
+      c.eval_every_steps = 250
       c.num_eval_images = 200
-      c.checkpoint_every_steps = 500
+      c.checkpoint_every_steps = 250
   else:
     raise ValueError(f"unknown config variant {variant!r}: expected one of "
                      "'', 'quick', 'three_layers', 'three_layers_quick'")

@@ -54,7 +54,9 @@ class Encoder(nn.Module):
     h = (x * 2.0 - 1.0).astype(self.dtype)
     feats = []
     for i, f in enumerate(self.features):
-      h = nn.Conv(f, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype, name=f"conv{i}")(h)
+      # a bias before a normalisation layer is removed by it: drop it
+      h = nn.Conv(f, (4, 4), strides=(2, 2), padding="SAME", use_bias=self.norm == "none",
+                  dtype=self.dtype, name=f"conv{i}")(h)
       h = make_norm(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                     name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)
@@ -82,7 +84,8 @@ class Decoder(nn.Module):
     for i, f in enumerate(self.features):
       if i > 0:  # mirror link: concatenate the encoder feature of the same resolution
         h = jnp.concatenate([h, feats[-1 - i]], axis=-1)
-      h = upsample_conv(f, self.upsample, dtype=self.dtype, name=f"up{i}")(h)
+      h = upsample_conv(f, self.upsample, use_bias=self.norm == "none", dtype=self.dtype,
+                        name=f"up{i}")(h)
       h = make_norm(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                     name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)

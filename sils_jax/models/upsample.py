@@ -79,10 +79,12 @@ class SubpixelConvTranspose(nn.Module):
     return depth_to_space(y, self.features)
 
 
-def upsample_conv(features: int, impl: str, *, dtype: Any = None, name: str | None = None) -> nn.Module:
+def upsample_conv(features: int, impl: str, *, use_bias: bool = True, dtype: Any = None,
+                  name: str | None = None) -> nn.Module:
   """A 4x4 stride-2 upsampling conv, ``impl`` in {'subpixel', 'transpose'} (same maths)."""
   if impl == "subpixel":
-    return SubpixelConvTranspose(features, dtype=dtype, name=name)
+    return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, name=name)
   if impl == "transpose":
-    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", dtype=dtype, name=name)
+    return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=use_bias,
+                            dtype=dtype, name=name)
   raise ValueError(f"config.upsample must be 'subpixel' or 'transpose', got {impl!r}")

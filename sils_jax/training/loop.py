@@ -103,6 +103,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   total = config.num_train_steps
   last_eval: dict[str, Any] = {}
+  if start_step == 0:  # the untrained model, so the curve shows where training starts
+    g_host = unreplicate(g_rep)
+    first = {"step": 0, **evaluator.evaluate(g_host)}
+    logging.info("eval step 0: test MSE x100 %s", {k: round(v, 4) for k, v in first.items() if k != "step"})
+    if lead:
+      _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), first)
   t_last, step_last = time.time(), start_step
   for step in range(start_step, total):
     batch = data.train_batch(step, global_batch, shard_index=jax.process_index(),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -110,43 +113,78 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if lead:
       _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), first)
   t_last, step_last = time.time(), start_step
-  for step in range(start_step, total):
-    batch = data.train_batch(step, global_batch, shard_index=jax.process_index(),
-                             num_shards=jax.process_count())
-    g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, shard(batch))
-    done = step + 1
-    is_last = done == total
-    if done % config.log_every_steps == 0 or is_last:
-      m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
-      now = time.time()
-      rate = (done - step_last) / max(now - t_last, 1e-9)
-      t_last, step_last = now, done
-      m.update(step=done, lr=float(lr_fn(done - 1)), steps_per_s=rate, img_per_s=rate * global_batch)
-      for k, v in m.items():
-        if isinstance(v, float) and not np.isfinite(v):
-          raise FloatingPointError(f"step {done}: training metric {k!r} is {v}; stopping "
-                                   "(the last checkpoint on disk is intact)")
-      logging.info("step %d/%d  %.2f steps/s  eta %s  g %.4f (ss %.4f gan %.4f cc %.4f)  d %.4f",
-                   done, total, rate, _eta((total - done) / max(rate, 1e-9)), m["g_total"], m["ss"],
-                   m["gan_g"], m["cc"], m["d_total"])
-      if lead:
-        _append_jsonl(os.path.join(workdir, "train_metrics.jsonl"), m)
-    if done % config.eval_every_steps == 0 or is_last:
-      g_host = unreplicate(g_rep)
-      last_eval = {"step": done, **evaluator.evaluate(g_host)}
-      logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", done,
-                   {k: round(v, 4) for k, v in last_eval.items() if k.startswith("mse")},
-                   {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
-      if lead:
-        _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), last_eval)
-        save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), evaluator.samples(g_host))
-    if done % config.checkpoint_every_steps == 0 or is_last:
-      checkpoints.save(manager, done, unreplicate(g_rep), unreplicate(d_rep), config)
-  manager.wait_until_finished()
-  manager.close()
+  done = start_step
+  with _stop_on_sigterm() as preempted, _closing(manager):
+    for step in range(start_step, total):
+      batch = data.train_batch(step, global_batch, shard_index=jax.process_index(),
+                               num_shards=jax.process_count())
+      g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, shard(batch))
+      done = step + 1
+      is_last = done == total
+      if not bool(step_metrics["finite"][0]):  # one scalar per step: cheap
+        m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
+        bad = sorted(k for k, v in m.items() if not np.isfinite(v))
+        saved = manager.latest_step()
+        raise FloatingPointError(
+            f"step {done}: non-finite {', '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
+            "the step was not applied and training stopped. "
+            + (f"The last checkpoint (step {saved}) is intact." if saved else "No checkpoint was written."))
+      if done % config.log_every_steps == 0 or is_last:
+        m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
+        now = time.time()
+        rate = (done - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, done
+        m.update(step=done, lr=float(lr_fn(done - 1)), steps_per_s=rate, img_per_s=rate * global_batch)
+        logging.info("step %d/%d  %.2f steps/s  eta %s  g %.4f (ss %.4f gan %.4f cc %.4f)  d %.4f",
+                     done, total, rate, _eta((total - done) / max(rate, 1e-9)), m["g_total"], m["ss"],
+                     m["gan_g"], m["cc"], m["d_total"])
+        if lead:
+          _append_jsonl(os.path.join(workdir, "train_metrics.jsonl"), m)
+      if done % config.eval_every_steps == 0 or is_last:
+        g_host = unreplicate(g_rep)
+        last_eval = {"step": done, **evaluator.evaluate(g_host)}
+        logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", done,
+                     {k: round(v, 4) for k, v in last_eval.items() if k.startswith("mse")},
+                     {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
+        if lead:
+          _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), last_eval)
+          save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), evaluator.samples(g_host))
+      if done % config.checkpoint_every_steps == 0 or is_last or preempted.is_set():
+        checkpoints.save(manager, done, unreplicate(g_rep), unreplicate(d_rep), config)
+      if preempted.is_set() and not is_last:
+        logging.warning("SIGTERM: saved the checkpoint at step %d and stopped; rerun the same "
+                        "command to continue", done)
+        break
+  if preempted.is_set():
+    return {"step": done, "preempted": True}
   if not last_eval:  # resumed at the end: evaluate what is there
     last_eval = {"step": total, **evaluator.evaluate(unreplicate(g_rep))}
   return last_eval
+
+
+@contextlib.contextmanager
+def _closing(manager):
+  """Lets pending asynchronous saves (of good steps) finish, also on errors."""
+  try:
+    yield manager
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+  """Yields an event that SIGTERM (preemption) sets: the loop finishes its step, saves
+  and returns. The previous handler is restored afterwards."""
+  event = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield event
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+  try:
+    yield event
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _eta(seconds: float) -> str:

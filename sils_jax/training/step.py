@@ -126,22 +126,31 @@ def train_step(g_state, d_state, batch, cfg: LossConfig):
       g_state.params, g_state, d_state.params, d_state.apply_fn, batch, cfg)
   g_grads = jax.lax.pmean(g_grads, AXIS)
   new_stats = jax.lax.pmean(new_stats, AXIS)
-  g_state = g_state.apply_gradients(grads=g_grads, batch_stats=new_stats)
+  new_g = g_state.apply_gradients(grads=g_grads, batch_stats=new_stats)
 
   fakes = jax.lax.stop_gradient(preds)
   (_, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
       d_state.params, d_state.apply_fn, batch["layers"], fakes, cfg)
   d_grads = jax.lax.pmean(d_grads, AXIS)
-  d_state = d_state.apply_gradients(grads=d_grads)
+  new_d = d_state.apply_gradients(grads=d_grads)
 
   metrics = {**g_metrics, **d_metrics, "g_grad_norm": _global_norm(g_grads),
              "d_grad_norm": _global_norm(d_grads)}
   metrics = jax.lax.pmean(metrics, AXIS)
-  return g_state, d_state, metrics
+  # NaN/inf guard: every loss term and both gradient norms (a non-finite gradient
+  # makes its norm non-finite) are checked here, on device, for the price of a few
+  # scalar compares. A bad step leaves both states as they were, so nothing
+  # non-finite can reach a checkpoint; the loop reads `finite` and stops.
+  finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  metrics["finite"] = finite.astype(jnp.float32)
+  return keep(new_g, g_state), keep(new_d, d_state), metrics
 
 
-def predict(model, params, batch_stats, x: jax.Array, *, norm_stats: str) -> jax.Array:
-  """Separated layers [B, N, H, W, 3] for images x [B, H, W, 3] in [0, 1].
+def predict(model, params, batch_stats, x: jax.Array, *, norm_stats: str, method: str = "__call__"):
+  """Runs the generator in inference mode: by default the separated layers
+  [B, N, H, W, 3] of images x [B, H, W, 3] in [0, 1]; ``method`` picks another
+  entry point of the model ('encode', 'encode_layers') with the same input layout.
 
   ``model`` must be built with ``bn_axis_name=None``. norm_stats='running' uses
   the BatchNorm running averages; 'per_image' normalises every image with its own
@@ -149,9 +158,9 @@ def predict(model, params, batch_stats, x: jax.Array, *, norm_stats: str) -> jax
   """
   variables = {"params": params, "batch_stats": batch_stats}
   if norm_stats == "running":
-    return model.apply(variables, x, train=False)
+    return model.apply(variables, x, train=False, method=method)
 
   def one(xi):
-    out, _ = model.apply(variables, xi[None], train=True, mutable=["batch_stats"])
-    return out[0]
+    out, _ = model.apply(variables, xi[None], train=True, method=method, mutable=["batch_stats"])
+    return jax.tree.map(lambda a: a[0], out)
   return jax.vmap(one)(x)

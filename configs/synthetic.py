@@ -31,6 +31,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.output_activation = "none"  # 'none' (authors' code) or 'sigmoid'
   c.disc_branches = 1  # Sec. 4: 1 branch for synthetic data, 3 for real images
   c.disc_features = (32, 64, 128, 32)  # Sec. 4: each branch has 4 convs, 4x4, stride 2
+  c.compute_dtype = "float32"  # activations/convs dtype: 'float32' or 'bfloat16' (params, optimizer state and losses stay float32)
   # How to normalise at evaluation: 'per_image' uses each image's own statistics,
   # exactly as training does with one image per batch (paper), 'running' the
   # BatchNorm running averages (better when training with large batches).
@@ -74,6 +75,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5000
   c.keep_checkpoints = 3
   c.num_sample_images = 6  # columns of the PNG sample grid
+  c.tensorboard = "auto"  # TensorBoard event files when TensorFlow imports ('auto', 'on', 'off')
+  c.profile_steps = 0  # trace this many steps with jax.profiler into WORKDIR/profile (0: off)
+  c.profile_start_step = 10  # first traced step (after compilation)
+
+  # --- multi-host (jax.distributed) -------------------------------------------
+  c.distributed = False  # join a multi-process job (auto on SLURM with several tasks and TPU pods)
+  c.coordinator_address = ""  # host:port of process 0; empty: from the environment
+  c.num_processes = 0  # 0: from the environment
+  c.process_id = -1  # -1: from the environment
 
   if variant in (None, ""):
     pass

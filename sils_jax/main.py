@@ -22,6 +22,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_libraries()
   from sils_jax.training import config_checks, loop  # after flag parsing: keeps --help fast
+  from sils_jax.training.distributed import initialize_distributed
+  initialize_distributed(FLAGS.config)  # before anything touches the devices
   try:
     result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_checks.ConfigError, FloatingPointError) as e:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from sils_jax.training import checkpoints, config_checks, loop
+from sils_jax.training import config_checks, loop
 from sils_jax.training.devices import replicate, shard, unreplicate
 from sils_jax.training.state import AXIS, create_states, init_key
 from sils_jax.training.step import LossConfig, train_step
@@ -91,7 +91,7 @@ def test_main_end_to_end_then_resume(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2" in out.stderr and "test MSE x100" in out.stderr
-  assert os.path.exists(os.path.join(workdir, "samples", "step_0000002.png"))
+  assert os.path.exists(os.path.join(workdir, "samples", "separation_0000002.png"))
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["learning_rate"] == 0.0002
   train = _read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))

@@ -10,6 +10,9 @@ count_include_pad=False). Each branch ends with a 1x1 conv to one channel of
 patch logits; the sigmoid lives in the loss (computed from logits), and the
 "fusion" is the sum of the per-branch losses (as UNIT does), so the module returns
 the list of per-branch logit maps.
+
+Mixed precision: convolutions run in ``dtype`` (bfloat16 on GPU/TPU) with float32
+parameters; the logits are returned float32 so the GAN losses run in float32.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """The N-stream generator: for every layer k an encoder E_k and a decoder G_k with
 the same structure and unshared parameters (paper Sec. 4; N = 2 in the paper's
-main experiments, 3 in Sec. 5.4)."""
+main experiments, 3 in Sec. 5.4).
+
+``dtype`` is the compute dtype of every stream (see ``unet.py``): parameters and
+BatchNorm statistics stay float32, the layer images come out float32.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,13 @@ reverse order plus a final layer with 3 channels. The corresponding layers of th
 encoder and decoder have mirror-link connections (U-Net)."
 
 Encoder and decoder are separate modules because the SS loss needs E's codes.
+
+Mixed precision: ``dtype`` is the dtype of activations and convolutions (bfloat16 on
+GPU/TPU); parameters are ``param_dtype`` float32 (flax's default). Flax's BatchNorm
+and GroupNorm compute their statistics in float32 whatever ``dtype`` is
+(``force_float32_reductions``) and keep ``batch_stats`` float32; only their output
+is cast to ``dtype``. The encoder's features (and so the latent codes) come out in
+``dtype``; the decoder's image comes out float32, so the losses run in float32.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ NORMS = ("batch", "instance", "none")
 
 
 def make_norm(kind: str, *, train: bool, axis_name: str | None, dtype: Any, name: str) -> Any:
-  """Normalisation after a conv: 'batch' (paper), 'instance' or 'none'."""
+  """Normalisation after a conv: 'batch' (paper), 'instance' or 'none'.
+
+  Statistics are float32 and parameters ``param_dtype`` float32; ``dtype`` is only
+  the dtype of the normalised output.
+  """
   if kind == "batch":
     # Under pmap the statistics are averaged over the 'batch' axis, so N devices
     # x b images normalise exactly like one device with N*b images.

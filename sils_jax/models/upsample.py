@@ -12,6 +12,10 @@ which ``tests/test_models.py`` checks.
 Why: on XLA:CPU the weight gradient of ``ConvTranspose`` is 10-20x slower than a
 plain convolution's (see ``../shared/STYLE.md``); the sub-pixel form runs at the
 speed of a normal conv on every backend.
+
+Mixed precision: the kernel is a ``param_dtype`` (float32) parameter, mapped to the
+sub-pixel layout in that dtype; only the mapped kernel and the input are cast to
+``dtype`` for the convolution.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class SubpixelConvTranspose(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (4, 4, cin, self.features),
                         self.param_dtype)
     dtype = self.dtype or x.dtype
-    w = subpixel_kernel(kernel).astype(dtype)
+    w = subpixel_kernel(kernel).astype(dtype)  # map in param_dtype, then cast
     y = jax.lax.conv_general_dilated(
         x.astype(dtype), w, window_strides=(1, 1), padding="SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"))

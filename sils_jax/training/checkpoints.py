@@ -10,6 +10,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sils_jax.training.config_checks import ConfigError
@@ -26,8 +27,15 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, step: int, g_state, d_state, config) -> None:
+  """Saves asynchronously (returns once the arrays are copied to host memory).
+
+  The states are identical on every device and process (pmean), so they are saved
+  as host numpy arrays: orbax writes those once, from the primary process, which
+  also works for the per-process arrays of a multi-host pmap.
+  """
+  host = jax.device_get({"g": g_state, "d": d_state})
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"g": g_state, "d": d_state}),
+      state=ocp.args.StandardSave(host),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
 
 
@@ -47,6 +55,7 @@ def restore_latest(manager: ocp.CheckpointManager, g_state, d_state, config, ste
     return g_state, d_state, 0
   saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   check_compatible(saved_config, config)
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"g": g_state, "d": d_state})
+  # numpy targets: restored on the host of every process, then replicated by the caller
+  target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), {"g": g_state, "d": d_state})
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return restored["state"]["g"], restored["state"]["d"], int(step)

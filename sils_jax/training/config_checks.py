@@ -11,6 +11,7 @@ GAN_LOSSES = ("nsgan", "lsgan")
 SS_MODES = ("elementwise", "mean")
 LR_SCHEDULES = ("constant", "linear_decay")
 EVAL_NORM_STATS = ("per_image", "running")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,8 @@ def validate(config) -> None:
         f"{depth} entries (one per encoder level)", config.decoder_features)
   _need(config.image_size % (2 ** depth) == 0, "image_size",
         f"a multiple of 2**{depth} = {2 ** depth} (the encoder halves it {depth} times)", config.image_size)
+  _need(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}",
+        config.compute_dtype)
   _need(config.disc_branches >= 1, "disc_branches", "an integer >= 1", config.disc_branches)
   _need(config.gan_loss in GAN_LOSSES, "gan_loss", f"one of {GAN_LOSSES}", config.gan_loss)
   _need(len(config.lambda_intra) == n, "lambda_intra", f"{n} weights (λ1, λ2, ... one per layer)",
@@ -57,5 +60,8 @@ def validate(config) -> None:
   _need(config.num_train_steps >= 1, "num_train_steps", "an integer >= 1", config.num_train_steps)
   for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "eval_batch_size"):
     _need(config[field] >= 1, field, "an integer >= 1", config[field])
+  _need(config.get("tensorboard", "auto") in ("auto", "on", "off"), "tensorboard", "'auto', 'on' or 'off'",
+        config.get("tensorboard"))
+  _need(config.get("profile_steps", 0) >= 0, "profile_steps", "an integer >= 0 (0: off)", config.get("profile_steps"))
   _need(config.eval_norm_stats in EVAL_NORM_STATS, "eval_norm_stats", f"one of {EVAL_NORM_STATS}",
         config.eval_norm_stats)

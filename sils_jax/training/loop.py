@@ -8,21 +8,20 @@ import json
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from sils_jax import blend, metrics
 from sils_jax.data.synthetic import SyntheticLayers
-from sils_jax.image_grid import make_grid, save_png
+from sils_jax.image_grid import make_grid
 from sils_jax.training import checkpoints, config_checks
 from sils_jax.training.devices import replicate, shard, unreplicate
 from sils_jax.training.state import AXIS, create_states, init_key, learning_rate_fn, make_generator
 from sils_jax.training.step import LossConfig, predict, train_step
+from sils_jax.training.writers import Progress, ProfileWindow, eta_str, make_writer
 
 
 def make_dataset(config) -> SyntheticLayers:
@@ -67,13 +66,9 @@ class Evaluator:
     return make_grid(rows)
 
 
-def _append_jsonl(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains as the config says, writing into ``workdir``; returns the last evaluation."""
+def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
+  """Trains as the config says, writing into ``workdir``; returns the last evaluation
+  (and, with return_states, also this process's final generator and discriminator states)."""
   config_checks.validate(config)
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -105,17 +100,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       json.dump(evaluator.baselines, f, indent=2)
 
   total = config.num_train_steps
+  writer = make_writer(workdir, lead=lead, tensorboard=config.get("tensorboard", "auto"))
+  writer.write_hparams(config)
   last_eval: dict[str, Any] = {}
-  if start_step == 0:  # the untrained model, so the curve shows where training starts
+
+  def evaluate(step: int) -> dict[str, Any]:
     g_host = unreplicate(g_rep)
-    first = {"step": 0, **evaluator.evaluate(g_host)}
-    logging.info("eval step 0: test MSE x100 %s", {k: round(v, 4) for k, v in first.items() if k != "step"})
-    if lead:
-      _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), first)
-  t_last, step_last = time.time(), start_step
+    result = {"step": step, **evaluator.evaluate(g_host)}
+    logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", step,
+                 {k: round(v, 4) for k, v in result.items() if k.startswith("mse")},
+                 {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "step"})
+    writer.write_images(step, {"separation": evaluator.samples(g_host)})
+    return result
+
+  if start_step == 0:  # the untrained model, so the curve shows where training starts
+    evaluate(0)
+  progress = Progress(total, config.log_every_steps, global_batch=global_batch, start_step=start_step)
+  profiler = ProfileWindow(workdir, config.get("profile_start_step", 10), config.get("profile_steps", 0))
   done = start_step
-  with _stop_on_sigterm() as preempted, _closing(manager):
+  with _stop_on_sigterm() as preempted, _closing(manager), writer, profiler:
     for step in range(start_step, total):
+      profiler(step)
       batch = data.train_batch(step, global_batch, shard_index=jax.process_index(),
                                num_shards=jax.process_count())
       g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, shard(batch))
@@ -129,26 +135,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             f"step {done}: non-finite {', '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
             "the step was not applied and training stopped. "
             + (f"The last checkpoint (step {saved}) is intact." if saved else "No checkpoint was written."))
-      if done % config.log_every_steps == 0 or is_last:
+      rates = progress(done)
+      if rates is not None:
         m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
-        now = time.time()
-        rate = (done - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, done
-        m.update(step=done, lr=float(lr_fn(done - 1)), steps_per_s=rate, img_per_s=rate * global_batch)
+        m.update(rates, lr=float(lr_fn(done - 1)))
         logging.info("step %d/%d  %.2f steps/s  eta %s  g %.4f (ss %.4f gan %.4f cc %.4f)  d %.4f",
-                     done, total, rate, _eta((total - done) / max(rate, 1e-9)), m["g_total"], m["ss"],
+                     done, total, rates["steps_per_s"], eta_str(rates["eta_s"]), m["g_total"], m["ss"],
                      m["gan_g"], m["cc"], m["d_total"])
-        if lead:
-          _append_jsonl(os.path.join(workdir, "train_metrics.jsonl"), m)
+        writer.write_scalars(done, m)
       if done % config.eval_every_steps == 0 or is_last:
-        g_host = unreplicate(g_rep)
-        last_eval = {"step": done, **evaluator.evaluate(g_host)}
-        logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", done,
-                     {k: round(v, 4) for k, v in last_eval.items() if k.startswith("mse")},
-                     {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
-        if lead:
-          _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), last_eval)
-          save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), evaluator.samples(g_host))
+        last_eval = evaluate(done)
       if done % config.checkpoint_every_steps == 0 or is_last or preempted.is_set():
         checkpoints.save(manager, done, unreplicate(g_rep), unreplicate(d_rep), config)
       if preempted.is_set() and not is_last:
@@ -156,9 +152,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         "command to continue", done)
         break
   if preempted.is_set():
-    return {"step": done, "preempted": True}
-  if not last_eval:  # resumed at the end: evaluate what is there
+    last_eval = {"step": done, "preempted": True}
+  elif not last_eval:  # resumed at the end: evaluate what is there
     last_eval = {"step": total, **evaluator.evaluate(unreplicate(g_rep))}
+  if return_states:
+    return last_eval, unreplicate(g_rep), unreplicate(d_rep)
   return last_eval
 
 
@@ -185,8 +183,3 @@ def _stop_on_sigterm():
     yield event
   finally:
     signal.signal(signal.SIGTERM, previous)
-
-
-def _eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -21,6 +21,9 @@ class GenState(train_state.TrainState):
 
 
 def make_generator(config, *, axis_name: str | None = AXIS) -> LayerSeparator:
+  """G (all streams). Activations and convs run in ``config.compute_dtype``; parameters,
+  BatchNorm statistics and outputs are float32. Configs saved before the field existed
+  (restored checkpoints) read as float32."""
   return LayerSeparator(
       num_layers=len(config.layer_names),
       encoder_features=tuple(config.encoder_features),
@@ -28,14 +31,17 @@ def make_generator(config, *, axis_name: str | None = AXIS) -> LayerSeparator:
       norm=config.norm,
       bn_axis_name=axis_name,
       upsample=config.upsample,
-      output_activation=config.output_activation)
+      output_activation=config.output_activation,
+      dtype=jnp.dtype(config.get("compute_dtype", "float32")))
 
 
 def make_discriminator(config) -> LayerDiscriminators:
+  """D (all layers), in ``config.compute_dtype`` like the generator; logits are float32."""
   return LayerDiscriminators(
       num_layers=len(config.layer_names),
       num_branches=config.disc_branches,
-      features=tuple(config.disc_features))
+      features=tuple(config.disc_features),
+      dtype=jnp.dtype(config.get("compute_dtype", "float32")))
 
 
 def learning_rate_fn(config) -> optax.Schedule:

@@ -3,8 +3,9 @@
   python -m sils_jax.evaluate --workdir=RUN [--checkpoint_step=N] [--split=test]
 
 Writes RUN/eval/metrics.json (per layer: MSE, MSE x100, LMSE, PSNR, SSIM and the
-image count, for the model and the trivial baselines) and RUN/eval/metrics.md, a
-Markdown table in the layout of the paper's Fig. 3c / Table 1.
+image count, for the model and the trivial baselines), RUN/eval/metrics.md, a
+Markdown table in the layout of the paper's Fig. 3c / Table 1, and
+RUN/eval/examples.png (rows: x, each predicted layer, each true layer, re-blend).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from sils_jax.image_grid import make_grid, save_png
 from sils_jax.logs import quiet_libraries
 
 FLAGS = flags.FLAGS
@@ -25,6 +27,7 @@ flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to evaluate (defa
 flags.DEFINE_enum("split", "test", ["test"], "Split with ground-truth layers (the train split is unpaired).")
 flags.DEFINE_integer("num_images", None, "Evaluate only the first N test images (default: all).")
 flags.DEFINE_integer("batch_size", 50, "Images per forward pass.")
+flags.DEFINE_integer("num_examples", 6, "Test images shown in RUN/eval/examples.png (0: none).")
 
 METRICS = ("mse", "lmse", "psnr", "ssim")
 
@@ -41,8 +44,13 @@ def _scores(pred: np.ndarray, true: np.ndarray, names) -> dict:
   return out
 
 
-def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50) -> dict:
-  """Scores the separator on the test triplets of its run's dataset, with baselines."""
+def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50,
+             num_examples: int = 6) -> tuple[dict, np.ndarray | None]:
+  """Scores the separator on the test triplets of its run's dataset, with baselines.
+
+  Returns (metrics, an example grid: rows x, each predicted layer, each true layer,
+  the re-blend; columns the first ``num_examples`` test images).
+  """
   data = separator.test_data(num_images)
   x, true = data["x"], data["layers"]
   names = separator.layer_names
@@ -53,6 +61,14 @@ def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50) 
     logging.info("separated %d/%d test images (%.1f s)", done, len(x), time.time() - start)
   pred = np.concatenate(preds)
   n = len(names)
+  k = min(num_examples, len(x))
+  if k:
+    recomposed = np.stack([separator.recompose({nm: pred[i, j] for j, nm in enumerate(names)})
+                           for i in range(k)])
+    rows = [x[:k]] + [pred[:k, j] for j in range(n)] + [true[:k, j] for j in range(n)] + [recomposed]
+    examples = make_grid(rows)
+  else:
+    examples = None
   result = {
       "step": separator.step,
       "split": "test",
@@ -63,7 +79,7 @@ def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50) 
           "zero": _scores(np.zeros_like(true), true, names),
       },
   }
-  return result
+  return result, examples
 
 
 def markdown(result: dict, names) -> str:
@@ -96,9 +112,12 @@ def main(argv):
     separator = Separator.from_workdir(FLAGS.workdir, FLAGS.checkpoint_step)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-  result = evaluate(separator, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size)
+  result, examples = evaluate(separator, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size,
+                              num_examples=FLAGS.num_examples)
   out_dir = os.path.join(FLAGS.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
+  if examples is not None:
+    save_png(os.path.join(out_dir, "examples.png"), examples)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   table = markdown(result, separator.layer_names)

@@ -120,3 +120,6 @@ def test_evaluate_cli_writes_metrics(run_dir):
     assert res["baselines"]["zero"][name]["lmse"] == pytest.approx(1.0, abs=1e-4)
   table = open(os.path.join(run_dir, "eval", "metrics.md")).read()
   assert "| method | square | circle | avg. |" in table and "each layer = x/2" in table
+  with Image.open(os.path.join(run_dir, "eval", "examples.png")) as im:
+    # 6 columns (test images) x 6 rows (x, 2 predicted, 2 true, re-blend) of 32 px + 2 px gaps
+    assert im.size == (6 * 34 + 2, 6 * 34 + 2)

@@ -1,4 +1,8 @@
-"""Architecture checks: shapes, the sub-pixel up-conv identity, discriminator branches."""
+"""Architecture checks: shapes, the sub-pixel up-conv identity, discriminator branches.
+
+Random keys use the RBG generator, as the package does for initialisation: XLA:CPU
+compiles threefry-based inits several times slower.
+"""
 
 import flax.linen as nn
 import jax
@@ -14,11 +18,11 @@ from sils_jax.models.upsample import SubpixelConvTranspose, upsample_conv
 
 @pytest.mark.parametrize("shape,features", [((2, 5, 7, 3), 4), ((1, 8, 8, 16), 8), ((3, 1, 2, 2), 1)])
 def test_subpixel_equals_conv_transpose(shape, features):
-  x = jax.random.normal(jax.random.key(0), shape)
+  x = jax.random.normal(jax.random.key(0, impl="rbg"), shape)
   ref = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME")
-  params = ref.init(jax.random.key(1), x)
+  params = ref.init(jax.random.key(1, impl="rbg"), x)
   # non-zero bias too, so the bias layout is checked
-  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2, impl="rbg"), a.shape), params)
   want = ref.apply(params, x)
   got = SubpixelConvTranspose(features).apply(params, x)
   assert got.shape == want.shape == (shape[0], 2 * shape[1], 2 * shape[2], features)
@@ -38,7 +42,7 @@ def test_upsample_conv_rejects_unknown_impl():
 def test_encoder_levels_and_latent_shape():
   enc = Encoder(features=(16, 32, 64, 128, 256))
   x = jnp.zeros((2, 64, 64, 3))
-  v = enc.init(jax.random.key(0), x, train=False)
+  v = enc.init(jax.random.key(0, impl="rbg"), x, train=False)
   feats = enc.apply(v, x, train=False)
   assert [f.shape for f in feats] == [(2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64), (2, 4, 4, 128),
                                       (2, 2, 2, 256)]
@@ -47,8 +51,8 @@ def test_encoder_levels_and_latent_shape():
 @pytest.mark.parametrize("num_layers", [2, 3])
 def test_separator_streams_are_unshared_and_callable_separately(num_layers):
   m = LayerSeparator(num_layers=num_layers, encoder_features=(4, 8, 8, 8, 8), decoder_features=(8, 8, 8, 4, 4))
-  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
-  v = m.init(jax.random.key(1), x, train=False)
+  x = jax.random.uniform(jax.random.key(0, impl="rbg"), (2, 32, 32, 3))
+  v = m.init(jax.random.key(1, impl="rbg"), x, train=False)
   assert sorted(v["params"]) == sorted([f"E{k}" for k in range(num_layers)] + [f"G{k}" for k in range(num_layers)])
   k0 = v["params"]["E0"]["conv0"]["kernel"]
   k1 = v["params"]["E1"]["conv0"]["kernel"]
@@ -66,8 +70,8 @@ def test_separator_streams_are_unshared_and_callable_separately(num_layers):
 
 def test_batchnorm_in_training_normalises_each_batch():
   m = LayerSeparator(num_layers=2, encoder_features=(4, 4, 4, 4, 4), decoder_features=(4, 4, 4, 4, 4))
-  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
-  v = m.init(jax.random.key(1), x, train=False)
+  x = jax.random.uniform(jax.random.key(0, impl="rbg"), (4, 32, 32, 3))
+  v = m.init(jax.random.key(1, impl="rbg"), x, train=False)
   (codes, _), upd = m.apply(v, x, train=True, method="separate", mutable=["batch_stats"])
   assert "batch_stats" in upd
   # BN output (before leaky ReLU) has zero mean per channel; after leaky ReLU the
@@ -90,7 +94,7 @@ def test_downsample_is_unit_avgpool_without_padding():
 def test_discriminator_branches(branches):
   d = LayerDiscriminators(num_layers=2, num_branches=branches)
   layers = jnp.zeros((2, 2, 64, 64, 3))
-  v = d.init(jax.random.key(0), layers)
+  v = d.init(jax.random.key(0, impl="rbg"), layers)
   out = d.apply(v, layers)
   assert len(out) == 2 and all(len(o) == branches for o in out)
   assert [o.shape for o in out[0]] == [(2, 4 // 2 ** b, 4 // 2 ** b, 1) for b in range(branches)]
@@ -101,6 +105,6 @@ def test_discriminator_branches(branches):
 
 
 def test_discriminator_init_is_small_normal():
-  v = Discriminator().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  v = Discriminator().init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
   k = np.asarray(v["params"]["branch0_conv1"]["kernel"])
   assert 0.015 < k.std() < 0.025  # N(0, 0.02), as UNIT

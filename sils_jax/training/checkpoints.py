@@ -34,9 +34,20 @@ def save(manager: ocp.CheckpointManager, step: int, g_state, d_state, config) ->
   also works for the per-process arrays of a multi-host pmap.
   """
   host = jax.device_get({"g": g_state, "d": d_state})
+  global_batch = config.per_device_batch_size * jax.device_count()
+  meta = {
+      "step": int(step),
+      # The input pipeline's position: the data order is a pure function of
+      # (seed, step), so these are enough to continue it exactly.
+      "data": {"seed": int(config.seed), "next_step": int(step), "examples_seen": int(step) * global_batch},
+      # Randomness: parameters are initialised from init_key(seed); the train step
+      # itself draws no random numbers, so there is no RNG stream to save.
+      "rng": {"init_key": f"jax.random.key({int(config.seed)}, impl='rbg')", "train_step": "none"},
+  }
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(host),
-      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def check_compatible(saved: dict, config) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from clu import metrics as clu_metrics
 
 from sils_jax import blend, metrics
 from sils_jax.data.synthetic import SyntheticLayers
@@ -119,6 +120,7 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   progress = Progress(total, config.log_every_steps, global_batch=global_batch, start_step=start_step)
   profiler = ProfileWindow(workdir, config.get("profile_start_step", 10), config.get("profile_steps", 0))
   done = start_step
+  interval = None
   with _stop_on_sigterm() as preempted, _closing(manager), writer, profiler:
     for step in range(start_step, total):
       profiler(step)
@@ -135,9 +137,13 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
             f"step {done}: non-finite {', '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
             "the step was not applied and training stopped. "
             + (f"The last checkpoint (step {saved}) is intact." if saved else "No checkpoint was written."))
+      # interval averages of every term, accumulated on device (no host sync per step)
+      update = metric_collection(step_metrics).single_from_model_output(**unreplicate(step_metrics))
+      interval = update if interval is None else interval.merge(update)
       rates = progress(done)
       if rates is not None:
-        m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
+        m = {k: float(v) for k, v in interval.compute().items()}
+        interval = None
         m.update(rates, lr=float(lr_fn(done - 1)))
         logging.info("step %d/%d  %.2f steps/s  eta %s  g %.4f (ss %.4f gan %.4f cc %.4f)  d %.4f",
                      done, total, rates["steps_per_s"], eta_str(rates["eta_s"]), m["g_total"], m["ss"],
@@ -158,6 +164,16 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   if return_states:
     return last_eval, unreplicate(g_rep), unreplicate(d_rep)
   return last_eval
+
+
+@functools.lru_cache(maxsize=None)
+def _collection_for(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
+  return clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in names})
+
+
+def metric_collection(step_metrics: dict) -> type[clu_metrics.Collection]:
+  """A clu.metrics Collection averaging every scalar the train step returns."""
+  return _collection_for(tuple(sorted(step_metrics)))
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/synthetic.py:quick", "Training config.")
 flags.DEFINE_integer("steps", 600, "Timed steps.")
 flags.DEFINE_integer("warmup", 20, "Untimed steps (compilation).")
+flags.DEFINE_integer("checkpoint_every", 0, "Checkpoint interval of the full loop (0: a third of --steps).")
 
 
 def bare(config, steps, warmup):
@@ -56,7 +57,7 @@ def full(config, steps, warmup):
   config.num_eval_images = 1         # make it one image)
   config.eval_batch_size = 1
   config.num_sample_images = 1
-  config.checkpoint_every_steps = max(steps // 3, 1)
+  config.checkpoint_every_steps = FLAGS.checkpoint_every or max(steps // 3, 1)
   t = [None]
 
   # time from the end of step `warmup` to the end of the run (checkpoints included)
@@ -86,6 +87,7 @@ def main(argv):
   with_loop = full(config, FLAGS.steps, FLAGS.warmup)
   print(json.dumps({"device": jax.devices()[0].device_kind, "image_size": config.image_size,
                     "batch": config.per_device_batch_size * jax.device_count(), "steps": FLAGS.steps,
+                    "checkpoint_every": FLAGS.checkpoint_every or max(FLAGS.steps // 3, 1),
                     "bare_img_per_s": round(base, 3), "loop_img_per_s": round(with_loop, 3),
                     "overhead_percent": round(100 * (base - with_loop) / base, 2)}))
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from sils_jax.image_grid import make_grid, save_png
+from sils_jax.image_grid import save_png, separation_grid
 from sils_jax.logs import quiet_libraries
 
 FLAGS = flags.FLAGS
@@ -62,13 +62,11 @@ def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50,
   pred = np.concatenate(preds)
   n = len(names)
   k = min(num_examples, len(x))
+  examples = None
   if k:
     recomposed = np.stack([separator.recompose({nm: pred[i, j] for j, nm in enumerate(names)})
                            for i in range(k)])
-    rows = [x[:k]] + [pred[:k, j] for j in range(n)] + [true[:k, j] for j in range(n)] + [recomposed]
-    examples = make_grid(rows)
-  else:
-    examples = None
+    examples = separation_grid(x[:k], pred[:k], true[:k], recomposed)
   result = {
       "step": separator.step,
       "split": "test",

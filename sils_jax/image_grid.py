@@ -28,6 +28,13 @@ def make_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
   return out
 
 
+def separation_grid(x, pred, true, recomposed) -> np.ndarray:
+  """The sample grid of a separation: columns are images; rows are x [B, H, W, 3], each
+  predicted layer of pred [B, N, H, W, 3], each true layer of true, and the re-blend."""
+  n = pred.shape[1]
+  return make_grid([x] + [pred[:, i] for i in range(n)] + [true[:, i] for i in range(n)] + [recomposed])
+
+
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 (or [0, 1] float) HxWx3 image; the file appears whole or not at all."""
   from PIL import Image

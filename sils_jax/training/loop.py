@@ -17,7 +17,7 @@ from clu import metrics as clu_metrics
 
 from sils_jax import blend, metrics
 from sils_jax.data.synthetic import SyntheticLayers
-from sils_jax.image_grid import make_grid
+from sils_jax.image_grid import separation_grid
 from sils_jax.training import checkpoints, config_checks
 from sils_jax.training.devices import replicate, shard, unreplicate
 from sils_jax.training.state import AXIS, create_states, init_key, learning_rate_fn, make_generator
@@ -62,9 +62,7 @@ class Evaluator:
     x, true = self.test["x"][:k], self.test["layers"][:k]
     pred = self.predict(g_state, x)
     recomposed = np.asarray(blend.compose(np.moveaxis(pred, 1, 0), self.config.blend_mode))
-    n = len(self.names)
-    rows = [x] + [pred[:, i] for i in range(n)] + [true[:, i] for i in range(n)] + [recomposed]
-    return make_grid(rows)
+    return separation_grid(x, pred, true, recomposed)
 
 
 def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
@@ -137,9 +135,9 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
             f"step {done}: non-finite {', '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
             "the step was not applied and training stopped. "
             + (f"The last checkpoint (step {saved}) is intact." if saved else "No checkpoint was written."))
-      # interval averages of every term, accumulated on device (no host sync per step)
-      update = metric_collection(step_metrics).single_from_model_output(**unreplicate(step_metrics))
-      interval = update if interval is None else interval.merge(update)
+      # interval averages of every term, accumulated on device in one jitted call
+      # (no host sync per step); the copies on the devices are equal (pmean)
+      interval = _accumulate(interval, step_metrics)
       rates = progress(done)
       if rates is not None:
         m = {k: float(v) for k, v in interval.compute().items()}
@@ -174,6 +172,21 @@ def _collection_for(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
 def metric_collection(step_metrics: dict) -> type[clu_metrics.Collection]:
   """A clu.metrics Collection averaging every scalar the train step returns."""
   return _collection_for(tuple(sorted(step_metrics)))
+
+
+@jax.jit
+def _merge(interval, step_metrics):
+  return interval.merge(metric_collection(step_metrics).single_from_model_output(**step_metrics))
+
+
+@jax.jit
+def _first(step_metrics):
+  return metric_collection(step_metrics).single_from_model_output(**step_metrics)
+
+
+def _accumulate(interval, step_metrics):
+  """Adds one step's metrics to the interval's clu.metrics Collection (None: start one)."""
+  return _first(step_metrics) if interval is None else _merge(interval, step_metrics)
 
 
 @contextlib.contextmanager

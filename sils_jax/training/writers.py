@@ -29,6 +29,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from sils_jax.image_grid import to_uint8
+
 TRAIN_FILE = "train_metrics.jsonl"
 EVAL_FILE = "eval_metrics.jsonl"
 EVAL_PREFIX = "eval/"
@@ -392,7 +394,7 @@ def to_uint8_image(name: str, image: Any) -> np.ndarray:
     raise ValueError(f"image {name!r}: expected uint8 or float in [0, 1], got dtype {a.dtype}")
   if not np.all(np.isfinite(a)):
     raise ValueError(f"image {name!r}: has NaN or inf values")
-  return (np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  return to_uint8(a)
 
 
 def _as_step(step: Any) -> int:

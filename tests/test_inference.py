@@ -123,3 +123,11 @@ def test_evaluate_cli_writes_metrics(run_dir):
   with Image.open(os.path.join(run_dir, "eval", "examples.png")) as im:
     # 6 columns (test images) x 6 rows (x, 2 predicted, 2 true, re-blend) of 32 px + 2 px gaps
     assert im.size == (6 * 34 + 2, 6 * 34 + 2)
+
+
+def test_too_large_images_get_a_clear_message(separator, monkeypatch):
+  from sils_jax import inference
+  monkeypatch.setattr(inference, "MAX_PIXELS", 32 * 32)
+  with pytest.raises(ValueError, match="larger than the 1024 pixels separated in one piece"):
+    separator(np.zeros((33, 32, 3), np.uint8), name="big.png")
+  assert separator(np.zeros((32, 32, 3), np.uint8))["square"].shape == (32, 32, 3)

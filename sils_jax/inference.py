@@ -86,7 +86,7 @@ class Separator:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Separator":
     """Restores the latest (or the given) checkpoint of a training run."""
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    ckpt_dir = checkpoints.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
       raise FileNotFoundError(f"{ckpt_dir} does not exist: {workdir!r} holds no training run "
                               "(train one with python -m sils_jax.main --workdir=...)")

@@ -21,9 +21,14 @@ ARCHITECTURE_FIELDS = ("layer_names", "image_size", "encoder_features", "decoder
                        "disc_branches", "disc_features", "upsample", "output_activation")
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run's checkpoints live: WORKDIR/checkpoints (absolute, as orbax wants)."""
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, g_state, d_state, config) -> None:

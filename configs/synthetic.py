@@ -27,10 +27,17 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.encoder_features = (16, 32, 64, 128, 256)  # E: five 4x4 stride-2 convs (Sec. 4)
   c.decoder_features = (128, 64, 32, 16, 16)  # G: the encoder's layers reversed, then a 3-channel conv
   c.norm = "batch"  # Sec. 4: batch normalisation after every conv ('batch', 'instance', 'none')
-  c.upsample = "subpixel"  # 4x4 stride-2 up-conv; 'subpixel' == 'transpose' maths, faster on CPU
+  # 4x4 stride-2 up-conv, three forms of the same maths and parameters: 'subpixel'
+  # (3x3 conv + depth-to-space; fastest measured on CPU), 'phases' (exact
+  # FLOPs, four 2x2 products), 'transpose' (flax ConvTranspose; slow weight gradient on CPU)
+  c.upsample = "subpixel"
   c.output_activation = "none"  # 'none' (authors' code) or 'sigmoid'
   c.disc_branches = 1  # Sec. 4: 1 branch for synthetic data, 3 for real images
   c.disc_features = (32, 64, 128, 32)  # Sec. 4: each branch has 4 convs, 4x4, stride 2
+  # How convolutions run (same maths and parameters): 'xla', 'matmul' (patches x
+  # matrix, fast on CPU for small feature maps) or 'auto' (matmul on CPU where the
+  # map is small, XLA's convolution elsewhere); see sils_jax/models/conv.py.
+  c.conv_impl = "auto"
   c.compute_dtype = "float32"  # activations/convs dtype: 'float32' or 'bfloat16' (params, optimizer state and losses stay float32)
   # How to normalise at evaluation: 'per_image' uses each image's own statistics,
   # exactly as training does with one image per batch (paper), 'running' the
@@ -38,6 +45,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.eval_norm_stats = "per_image"
 
   # --- losses (eqs. 5-9) ----------------------------------------------------
+  # 'unsupervised' (the method) or 'supervised': the same generator trained with an
+  # L1 loss on paired training triplets, the upper bound every table reports.
+  c.objective = "unsupervised"
   c.gan_loss = "nsgan"  # eq. (7) log form ('nsgan'), or UNIT's least squares ('lsgan')
   c.lambda0 = 5.0  # λ0: weight of the GAN terms, eq. (7)
   c.lambda_intra = (0.5, 0.5)  # λ1, λ2: intra-domain L1 terms of eq. (5), one per layer
@@ -69,6 +79,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   # --- loop -----------------------------------------------------------------
   c.log_every_steps = 100
+  # Input: batches made ahead in worker threads (sils_jax/data/prefetch.py); 0: in the loop
+  c.prefetch_batches = 2
+  c.input_workers = 0  # 0: min(8, CPU count)
   c.eval_every_steps = 5000
   c.num_eval_images = 1000  # test triplets used by the periodic evaluation
   c.eval_batch_size = 50

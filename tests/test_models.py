@@ -13,23 +13,24 @@ import pytest
 from sils_jax.models.discriminator import Discriminator, LayerDiscriminators, downsample
 from sils_jax.models.separator import LayerSeparator
 from sils_jax.models.unet import Encoder
-from sils_jax.models.upsample import SubpixelConvTranspose, upsample_conv
+from sils_jax.models.upsample import PhaseConvTranspose, SubpixelConvTranspose, upsample_conv
 
 
+@pytest.mark.parametrize("module", [SubpixelConvTranspose, PhaseConvTranspose])
 @pytest.mark.parametrize("shape,features", [((2, 5, 7, 3), 4), ((1, 8, 8, 16), 8), ((3, 1, 2, 2), 1)])
-def test_subpixel_equals_conv_transpose(shape, features):
+def test_upsample_forms_equal_conv_transpose(module, shape, features):
   x = jax.random.normal(jax.random.key(0, impl="rbg"), shape)
   ref = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME")
   params = ref.init(jax.random.key(1, impl="rbg"), x)
   # non-zero bias too, so the bias layout is checked
   params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2, impl="rbg"), a.shape), params)
   want = ref.apply(params, x)
-  got = SubpixelConvTranspose(features).apply(params, x)
+  got = module(features).apply(params, x)
   assert got.shape == want.shape == (shape[0], 2 * shape[1], 2 * shape[2], features)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   # and the gradients w.r.t. the shared kernel agree
   g_ref = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
-  g_sub = jax.grad(lambda p: jnp.sum(SubpixelConvTranspose(features).apply(p, x) ** 2))(params)
+  g_sub = jax.grad(lambda p: jnp.sum(module(features).apply(p, x) ** 2))(params)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_sub)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
@@ -108,3 +109,46 @@ def test_discriminator_init_is_small_normal():
   v = Discriminator().init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
   k = np.asarray(v["params"]["branch0_conv1"]["kernel"])
   assert 0.015 < k.std() < 0.025  # N(0, 0.02), as UNIT
+
+
+@pytest.mark.parametrize("shape,kernel,strides", [
+    ((2, 8, 8, 3), (4, 4), (2, 2)),   # encoder / discriminator conv
+    ((1, 5, 7, 4), (4, 4), (2, 2)),   # odd sizes: asymmetric SAME padding
+    ((2, 6, 6, 5), (3, 3), (1, 1)),   # sub-pixel up-conv, output conv
+    ((1, 4, 4, 6), (1, 1), (1, 1)),   # discriminator logits
+])
+def test_matmul_conv_equals_xla_conv_values_and_gradients(shape, kernel, strides):
+  from sils_jax.models.conv import conv2d
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, shape)
+  w = jax.random.normal(kw, kernel + (shape[-1], 7)) * 0.3
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, strides, "SAME", impl)))
+  np.testing.assert_allclose(conv2d(x, w, strides, "SAME", "matmul"),
+                             conv2d(x, w, strides, "SAME", "xla"), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.grad(loss("matmul"), (0, 1))(x, w), jax.grad(loss("xla"), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_does_not_change_the_model():
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  models = {impl: LayerSeparator(num_layers=2, conv_impl=impl) for impl in ("xla", "matmul", "auto")}
+  variables = models["xla"].init(jax.random.key(0), x)
+  for impl in ("matmul", "auto"):  # the same parameter tree works for every impl
+    assert jax.tree.structure(models[impl].init(jax.random.key(0), x)) == jax.tree.structure(variables)
+  ref = models["xla"].apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  for impl in ("matmul", "auto"):
+    out = models[impl].apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  d = {impl: LayerDiscriminators(num_layers=2, num_branches=2, conv_impl=impl) for impl in ("xla", "matmul")}
+  layers = jnp.stack([x, x[::-1]], axis=1)
+  dv = d["xla"].init(jax.random.key(2), layers)
+  for a, b in zip(jax.tree.leaves(d["xla"].apply(dv, layers)), jax.tree.leaves(d["matmul"].apply(dv, layers))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_impl_rejects_unknown_name():
+  from sils_jax.models.conv import conv2d
+  with pytest.raises(ValueError, match="conv_impl"):
+    conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fast")

@@ -246,6 +246,13 @@ def test_train_batches_are_unpaired_and_change_with_step():
                                 .train_batch(1, 8)["layers"], b1["layers"])
 
 
+def test_paired_train_batches_are_triplets_with_the_same_x():
+  data = SyntheticLayers(image_size=32, num_train=50)
+  unpaired, paired = data.train_batch(3, 4), data.train_batch(3, 4, paired=True)
+  np.testing.assert_array_equal(paired["x"], unpaired["x"])  # the same inputs x either way
+  np.testing.assert_allclose(paired["layers"].sum(1), paired["x"], atol=1e-6)  # additive blend
+
+
 def test_epoch_permutations_cover_each_index_once():
   data = SyntheticLayers(image_size=16, num_train=13, seed=2)
   perms = {}

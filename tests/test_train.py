@@ -48,6 +48,24 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
   assert m["d_total"] == pytest.approx(c.lambda0 * m["gan_d"] + c.gp_weight * m["r1"], rel=1e-5)
 
 
+def test_supervised_upper_bound_fits_the_paired_layers():
+  c = tiny_config()
+  c.objective = "supervised"
+  g, d = create_states(c, init_key(c.seed))
+  step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(c)), axis_name=AXIS)
+  batch = shard(loop.make_dataset(c).train_batch(0, 1, paired=True))
+  g, d = replicate(g), replicate(d)
+  d0 = d
+  losses = []
+  for _ in range(5):  # the same batch: L1 to its ground truth must fall
+    g, d, m = step(g, d, batch)
+    losses.append(float(unreplicate(m)["l1"]))
+  assert losses[-1] < losses[0]
+  assert set(unreplicate(m)) == {"l1", "g_total", "g_grad_norm", "finite"}
+  for a, b in zip(jax.tree.leaves(d0.params), jax.tree.leaves(d.params)):  # no discriminator
+    np.testing.assert_array_equal(a, b)
+
+
 def test_same_seed_same_numbers_other_seed_differs():
   a = _one_step(tiny_config())
   b = _one_step(tiny_config())
@@ -125,6 +143,8 @@ def test_main_end_to_end_then_resume(tmp_path):
     ("shapes", ("square", "circle", "square"), "config.shapes"),
     ("ss_levels", (7,), "config.ss_levels"),
     ("layer_names", ("a", "a"), "config.layer_names"),
+    ("conv_impl", "fast", "config.conv_impl"),
+    ("objective", "paired", "config.objective"),
 ])
 def test_bad_config_fields_raise_clear_errors(field, value, match):
   c = tiny_config()

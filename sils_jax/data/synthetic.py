@@ -238,8 +238,11 @@ class SyntheticLayers:
     return out
 
   def train_batch(self, step: int, batch_size: int, *, shard_index: int = 0,
-                  num_shards: int = 1) -> dict:
+                  num_shards: int = 1, paired: bool = False) -> dict:
     """Unpaired training batch: {'x': [b,S,S,3], 'layers': [b,N,S,S,3]} float32.
+
+    ``paired=True`` (only for the supervised upper bound) returns training
+    triplets instead: the layers of row j are the ground truth of x[j].
 
     ``b = batch_size // num_shards``. Global example position ``p = step *
     batch_size + j``; domain d takes example ``perm_{d,e}[p % num_train]`` with
@@ -262,9 +265,10 @@ class SyntheticLayers:
     x = np.empty((b, s, s, 3), np.float32)
     layers = np.empty((b, n, s, s, 3), np.float32)
     for row, i in enumerate(self.train_indices(0, positions)):
-      x[row] = render_triplet(self.seed, "train", 0, i, image_size=s,
-                              shapes=self.shapes)[0]
-    for k in range(n):
+      x[row], true_layers = render_triplet(self.seed, "train", 0, i, image_size=s, shapes=self.shapes)
+      if paired:
+        layers[row] = true_layers
+    for k in range(n if not paired else 0):
       for row, i in enumerate(self.train_indices(k + 1, positions)):
         layers[row, k] = render_layer(self.seed, "train", k + 1, i, k, image_size=s,
                                       shapes=self.shapes)

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sils_jax.models.conv import Conv
+
 
 def downsample(x: jax.Array) -> jax.Array:
   """UNIT's AvgPool2d(3, stride=2, padding=1, count_include_pad=False)."""
@@ -35,6 +37,7 @@ class Discriminator(nn.Module):
   num_branches: int = 1
   features: Sequence[int] = (32, 64, 128, 32)
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # models/conv.py
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -46,10 +49,11 @@ class Discriminator(nn.Module):
         h_in = downsample(h_in)
       h = h_in
       for i, f in enumerate(self.features):
-        h = nn.Conv(f, (4, 4), strides=(2, 2), padding="SAME", kernel_init=init, dtype=self.dtype,
-                    name=f"branch{b}_conv{i}")(h)
+        h = Conv(f, (4, 4), strides=(2, 2), padding="SAME", kernel_init=init, impl=self.conv_impl,
+                 dtype=self.dtype, name=f"branch{b}_conv{i}")(h)
         h = nn.leaky_relu(h, 0.2)
-      h = nn.Conv(1, (1, 1), kernel_init=init, dtype=self.dtype, name=f"branch{b}_logits")(h)
+      h = Conv(1, (1, 1), kernel_init=init, impl=self.conv_impl, dtype=self.dtype,
+               name=f"branch{b}_logits")(h)
       outs.append(h.astype(jnp.float32))
     return outs
 
@@ -61,11 +65,13 @@ class LayerDiscriminators(nn.Module):
   num_branches: int = 1
   features: Sequence[int] = (32, 64, 128, 32)
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # models/conv.py
 
   @nn.compact
   def __call__(self, layers: jax.Array) -> list[list[jax.Array]]:
     """layers: [B, N, H, W, C] -> for each layer k, D_k's list of branch logits."""
     if layers.ndim != 5 or layers.shape[1] != self.num_layers:
       raise ValueError(f"expected layers of shape [B, {self.num_layers}, H, W, C], got {layers.shape}")
-    return [Discriminator(self.num_branches, tuple(self.features), self.dtype, name=f"d{k}")(layers[:, k])
+    return [Discriminator(self.num_branches, tuple(self.features), self.dtype, self.conv_impl,
+                          name=f"d{k}")(layers[:, k])
             for k in range(self.num_layers)]

@@ -26,9 +26,11 @@ class LayerSeparator(nn.Module):
   upsample: str = "subpixel"
   output_activation: str = "none"
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # models/conv.py: how convolutions run (same maths)
 
   def setup(self):
-    kw = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    kw = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+              conv_impl=self.conv_impl)
     self.encoders = [Encoder(tuple(self.encoder_features), name=f"E{k}", **kw)
                      for k in range(self.num_layers)]
     self.decoders = [Decoder(tuple(self.decoder_features), upsample=self.upsample,

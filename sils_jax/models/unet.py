@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sils_jax.models.conv import Conv
 from sils_jax.models.upsample import upsample_conv
 
 NORMS = ("batch", "instance", "none")
@@ -59,6 +60,7 @@ class Encoder(nn.Module):
   norm: str = "batch"
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # see models/conv.py: same maths, backend-dependent speed
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
@@ -66,8 +68,8 @@ class Encoder(nn.Module):
     feats = []
     for i, f in enumerate(self.features):
       # a bias before a normalisation layer is removed by it: drop it
-      h = nn.Conv(f, (4, 4), strides=(2, 2), padding="SAME", use_bias=self.norm == "none",
-                  dtype=self.dtype, name=f"conv{i}")(h)
+      h = Conv(f, (4, 4), strides=(2, 2), padding="SAME", use_bias=self.norm == "none",
+               impl=self.conv_impl, dtype=self.dtype, name=f"conv{i}")(h)
       h = make_norm(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                     name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)
@@ -86,6 +88,7 @@ class Decoder(nn.Module):
   upsample: str = "subpixel"
   output_activation: str = "none"
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -96,11 +99,12 @@ class Decoder(nn.Module):
       if i > 0:  # mirror link: concatenate the encoder feature of the same resolution
         h = jnp.concatenate([h, feats[-1 - i]], axis=-1)
       h = upsample_conv(f, self.upsample, use_bias=self.norm == "none", dtype=self.dtype,
-                        name=f"up{i}")(h)
+                        conv_impl=self.conv_impl, name=f"up{i}")(h)
       h = make_norm(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                     name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)
-    h = nn.Conv(self.out_channels, (3, 3), padding="SAME", dtype=self.dtype, name="out")(h)
+    h = Conv(self.out_channels, (3, 3), padding="SAME", impl=self.conv_impl, dtype=self.dtype,
+             name="out")(h)
     h = h.astype(jnp.float32)
     if self.output_activation == "sigmoid":
       return nn.sigmoid(h)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from sils_jax import blend
+from sils_jax.models.conv import IMPLS as CONV_IMPLS
+from sils_jax.models.upsample import UPSAMPLE_IMPLS
 
 DATASETS = ("synthetic",)
 GAN_LOSSES = ("nsgan", "lsgan")
@@ -12,6 +14,7 @@ SS_MODES = ("elementwise", "mean")
 LR_SCHEDULES = ("constant", "linear_decay")
 EVAL_NORM_STATS = ("per_image", "running")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+OBJECTIVES = ("unsupervised", "supervised")
 
 
 class ConfigError(ValueError):
@@ -42,7 +45,12 @@ def validate(config) -> None:
         f"a multiple of 2**{depth} = {2 ** depth} (the encoder halves it {depth} times)", config.image_size)
   _need(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}",
         config.compute_dtype)
+  _need(config.upsample in UPSAMPLE_IMPLS, "upsample", f"one of {UPSAMPLE_IMPLS}", config.upsample)
+  _need(config.get("conv_impl", "auto") in CONV_IMPLS, "conv_impl", f"one of {CONV_IMPLS}",
+        config.get("conv_impl"))
   _need(config.disc_branches >= 1, "disc_branches", "an integer >= 1", config.disc_branches)
+  _need(config.get("objective", "unsupervised") in OBJECTIVES, "objective", f"one of {OBJECTIVES}",
+        config.get("objective"))
   _need(config.gan_loss in GAN_LOSSES, "gan_loss", f"one of {GAN_LOSSES}", config.gan_loss)
   _need(len(config.lambda_intra) == n, "lambda_intra", f"{n} weights (λ1, λ2, ... one per layer)",
         config.lambda_intra)
@@ -62,6 +70,10 @@ def validate(config) -> None:
     _need(config[field] >= 1, field, "an integer >= 1", config[field])
   _need(config.get("tensorboard", "auto") in ("auto", "on", "off"), "tensorboard", "'auto', 'on' or 'off'",
         config.get("tensorboard"))
+  _need(config.get("prefetch_batches", 2) >= 0, "prefetch_batches", "an integer >= 0 (0: no prefetch)",
+        config.get("prefetch_batches"))
+  _need(config.get("input_workers", 0) >= 0, "input_workers", "an integer >= 0 (0: automatic)",
+        config.get("input_workers"))
   _need(config.get("profile_steps", 0) >= 0, "profile_steps", "an integer >= 0 (0: off)", config.get("profile_steps"))
   _need(config.eval_norm_stats in EVAL_NORM_STATS, "eval_norm_stats", f"one of {EVAL_NORM_STATS}",
         config.eval_norm_stats)

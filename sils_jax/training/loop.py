@@ -16,6 +16,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 
 from sils_jax import blend, metrics
+from sils_jax.data.prefetch import Prefetcher
 from sils_jax.data.synthetic import SyntheticLayers
 from sils_jax.image_grid import separation_grid
 from sils_jax.training import checkpoints, config_checks
@@ -119,34 +120,48 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   profiler = ProfileWindow(workdir, config.get("profile_start_step", 10), config.get("profile_steps", 0))
   done = start_step
   interval = None
-  with _stop_on_sigterm() as preempted, _closing(manager), writer, profiler:
+  pending = None  # (step, metrics) whose finite flag is not read yet
+  supervised = config.get("objective", "unsupervised") == "supervised"
+  if supervised:
+    logging.warning("config.objective='supervised': training on paired triplets with an L1 loss "
+                    "(the upper bound of the method, not the method)")
+  def make_batch(step: int) -> dict:  # a pure function of the step: safe to make ahead
+    return shard(data.train_batch(step, global_batch, shard_index=jax.process_index(),
+                                  num_shards=jax.process_count(), paired=supervised))
+  inputs = Prefetcher(make_batch, start_step, total, depth=config.get("prefetch_batches", 2),
+                      workers=config.get("input_workers", 0) or min(8, os.cpu_count() or 1))
+  with _stop_on_sigterm() as preempted, _closing(manager), writer, profiler, inputs:
     for step in range(start_step, total):
       profiler(step)
-      batch = data.train_batch(step, global_batch, shard_index=jax.process_index(),
-                               num_shards=jax.process_count())
-      g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, shard(batch))
+      g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, inputs.get(step))
       done = step + 1
       is_last = done == total
-      if not bool(step_metrics["finite"][0]):  # one scalar per step: cheap
-        m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
-        bad = sorted(k for k, v in m.items() if not np.isfinite(v))
-        saved = manager.latest_step()
-        raise FloatingPointError(
-            f"step {done}: non-finite {', '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
-            "the step was not applied and training stopped. "
-            + (f"The last checkpoint (step {saved}) is intact." if saved else "No checkpoint was written."))
+      # NaN guard, read one step late: the flag of step `done - 1` is read after step
+      # `done` is queued, so the device never idles while the host waits (the guard
+      # kept the states of a bad step unchanged; nothing is saved before a check).
+      if pending is not None:
+        _check_finite(*pending, manager)
+      pending = (done, step_metrics)
       # interval averages of every term, accumulated on device in one jitted call
       # (no host sync per step); the copies on the devices are equal (pmean)
       interval = _accumulate(interval, step_metrics)
       rates = progress(done)
-      if rates is not None:
+      if rates is not None:  # this reads the step's values anyway: check it first
+        _check_finite(*pending, manager)
+        pending = None
         m = {k: float(v) for k, v in interval.compute().items()}
         interval = None
         m.update(rates, lr=float(lr_fn(done - 1)))
-        logging.info("step %d/%d  %.2f steps/s  eta %s  g %.4f (ss %.4f gan %.4f cc %.4f)  d %.4f",
-                     done, total, rates["steps_per_s"], eta_str(rates["eta_s"]), m["g_total"], m["ss"],
-                     m["gan_g"], m["cc"], m["d_total"])
+        terms = "  ".join(f"{k} {m[k]:.4f}" for k in ("g_total", "ss", "gan_g", "cc", "d_total", "l1")
+                          if k in m)
+        logging.info("step %d/%d  %.2f steps/s  eta %s  %s", done, total, rates["steps_per_s"],
+                     eta_str(rates["eta_s"]), terms)
         writer.write_scalars(done, m)
+      if done % config.eval_every_steps == 0 or done % config.checkpoint_every_steps == 0 \
+          or is_last or preempted.is_set():  # check this step now: it is evaluated or saved
+        if pending is not None:
+          _check_finite(*pending, manager)
+        pending = None
       if done % config.eval_every_steps == 0 or is_last:
         last_eval = evaluate(done)
       if done % config.checkpoint_every_steps == 0 or is_last or preempted.is_set():
@@ -162,6 +177,19 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   if return_states:
     return last_eval, unreplicate(g_rep), unreplicate(d_rep)
   return last_eval
+
+
+def _check_finite(done: int, step_metrics, manager) -> None:
+  """Raises FloatingPointError naming the step and the non-finite terms (one scalar read)."""
+  if bool(step_metrics["finite"][0]):
+    return
+  m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
+  bad = sorted(k for k, v in m.items() if not np.isfinite(v))
+  saved = manager.latest_step()
+  raise FloatingPointError(
+      f"step {done}: non-finite {', '.join(bad)} ({', '.join(f'{k}={m[k]}' for k in bad)}); "
+      "the step was not applied and training stopped. "
+      + (f"The last checkpoint (step {saved}) is intact." if saved else "No checkpoint was written."))
 
 
 @functools.lru_cache(maxsize=None)

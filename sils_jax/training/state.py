@@ -32,7 +32,8 @@ def make_generator(config, *, axis_name: str | None = AXIS) -> LayerSeparator:
       bn_axis_name=axis_name,
       upsample=config.upsample,
       output_activation=config.output_activation,
-      dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+      dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+      conv_impl=config.get("conv_impl", "auto"))
 
 
 def make_discriminator(config) -> LayerDiscriminators:
@@ -41,7 +42,8 @@ def make_discriminator(config) -> LayerDiscriminators:
       num_layers=len(config.layer_names),
       num_branches=config.disc_branches,
       features=tuple(config.disc_features),
-      dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+      dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+      conv_impl=config.get("conv_impl", "auto"))
 
 
 def learning_rate_fn(config) -> optax.Schedule:

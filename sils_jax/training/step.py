@@ -36,6 +36,7 @@ class LossConfig:
   ss_levels: tuple[int, ...]
   ss_scale: float
   gp_weight: float
+  objective: str = "unsupervised"  # or 'supervised': L1 to paired ground truth (upper bound)
 
   @classmethod
   def from_config(cls, config) -> "LossConfig":
@@ -46,7 +47,7 @@ class LossConfig:
         lambda_cycle_layers=tuple(float(v) for v in config.lambda_cycle_layers),
         alpha=float(config.alpha), w1=float(config.w1), w2=float(config.w2), ss_mode=config.ss_mode,
         ss_levels=tuple(int(l) for l in config.ss_levels), ss_scale=float(config.ss_scale),
-        gp_weight=float(config.gp_weight))
+        gp_weight=float(config.gp_weight), objective=config.get("objective", "unsupervised"))
 
 
 def _levels(codes: list[list[jax.Array]], levels: tuple[int, ...]) -> list[Any]:
@@ -90,6 +91,14 @@ def generator_loss(g_params, g_state, d_params, d_apply, batch, cfg: LossConfig)
   return total, (metrics, stats, preds)
 
 
+def supervised_loss(g_params, g_state, batch):
+  """The supervised upper bound: the same generator, L1 to the paired ground-truth layers."""
+  (_, preds), upd = g_state.apply_fn({"params": g_params, "batch_stats": g_state.batch_stats},
+                                     batch["x"], train=True, method="separate", mutable=["batch_stats"])
+  l1 = jnp.mean(jnp.abs(preds - batch["layers"]))
+  return l1, ({"l1": l1, "g_total": l1}, upd["batch_stats"], preds)
+
+
 def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossConfig):
   """Eq. (7), discriminator side, plus the R1 gradient penalty on real layers."""
   real_logits = d_apply({"params": d_params}, real_layers)
@@ -122,11 +131,20 @@ def train_step(g_state, d_state, batch, cfg: LossConfig):
   layers are unpaired. Gradients, BatchNorm statistics and metrics are averaged
   over the devices, so N devices x b images equal one device with N*b images.
   """
-  (_, (g_metrics, new_stats, preds)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
-      g_state.params, g_state, d_state.params, d_state.apply_fn, batch, cfg)
+  if cfg.objective == "supervised":  # paired batch; no discriminator
+    (_, (g_metrics, new_stats, _)), g_grads = jax.value_and_grad(supervised_loss, has_aux=True)(
+        g_state.params, g_state, batch)
+  else:
+    (_, (g_metrics, new_stats, preds)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        g_state.params, g_state, d_state.params, d_state.apply_fn, batch, cfg)
   g_grads = jax.lax.pmean(g_grads, AXIS)
   new_stats = jax.lax.pmean(new_stats, AXIS)
   new_g = g_state.apply_gradients(grads=g_grads, batch_stats=new_stats)
+  if cfg.objective == "supervised":
+    metrics = jax.lax.pmean({**g_metrics, "g_grad_norm": _global_norm(g_grads)}, AXIS)
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
+    metrics["finite"] = finite.astype(jnp.float32)
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_g, g_state), d_state, metrics
 
   fakes = jax.lax.stop_gradient(preds)
   (_, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(

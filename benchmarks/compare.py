@@ -1,0 +1,73 @@
+"""JAX/PyTorch ratio of the training step, both measured in this one run on this machine.
+
+  python benchmarks/compare.py --image_size=128 --batch=1,8 [--steps=20] [--device=cpu|cuda]
+
+Runs `benchmarks/train_step.py` (JAX) and `benchmarks/torch_reference.py` (PyTorch,
+eager, its default up-conv: torch's own ConvTranspose2d) one after the other, each in
+its own process so they never share the cores, for every batch size. Prints their JSON
+lines, then one summary line per batch size with `ratio = jax img/s / torch img/s`
+(> 1: JAX is faster). It can also read lines saved earlier: --from_file=bench.jsonl.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(cmd: list[str]) -> list[dict]:
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(HERE))
+  rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  if out.returncode or not rows:
+    sys.exit(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+  return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+  """One line per (device kind, image size, batch) that has both a JAX and a torch row."""
+  def key(r):
+    dev = "cpu" if r["device"] in ("cpu", "cpu:cpu") else "gpu"
+    return dev, r["image_size"], r["batch"]
+  jax_rows = {key(r): r for r in rows if r.get("framework") == "jax" and r.get("dtype", "float32") == "float32"}
+  torch_rows = {key(r): r for r in rows if r.get("framework") == "torch" and r.get("mode") == "eager"
+                and "error" not in r}
+  out = []
+  for k in sorted(set(jax_rows) & set(torch_rows)):
+    j, t = jax_rows[k], torch_rows[k]
+    out.append({"summary": "jax_vs_torch", "device": j["device"], "torch_device": t["device"],
+                "image_size": k[1], "batch": k[2], "jax_img_per_s": j["img_per_s"],
+                "torch_img_per_s": round(t["img_per_s"], 3),
+                "ratio": round(j["img_per_s"] / t["img_per_s"], 3)})
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--image_size", type=int, default=128)
+  p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--device", default="cpu", help="torch device (JAX uses its default backend)")
+  p.add_argument("--config", default="configs/synthetic.py")
+  p.add_argument("--from_file", help="summarise JSON lines saved earlier instead of measuring")
+  args = p.parse_args()
+  if args.from_file:
+    with open(args.from_file) as f:
+      rows = [json.loads(l) for l in f if l.startswith("{")]
+  else:
+    rows = []
+    for b in args.batch.split(","):
+      rows += _run([sys.executable, os.path.join(HERE, "train_step.py"), f"--config={args.config}",
+                    f"--batch={b}", f"--image_size={args.image_size}", f"--steps={args.steps}"])
+      rows += _run([sys.executable, os.path.join(HERE, "torch_reference.py"), f"--device={args.device}",
+                    f"--image_size={args.image_size}", f"--batch={b}", f"--steps={args.steps}"])
+    for r in rows:
+      print(json.dumps(r))
+  for s in summarise(rows):
+    print(json.dumps(s))
+
+
+if __name__ == "__main__":
+  main()

@@ -40,6 +40,12 @@ def _operand_dtypes(jaxpr, primitive: str) -> set[tuple[str, ...]]:
   return found
 
 
+def _conv_dtypes(jaxpr) -> set[tuple[str, ...]]:
+  """Operand dtypes of the convolutions, whichever form they take (models/conv.py):
+  XLA convolutions or patches x kernel matrix products."""
+  return _operand_dtypes(jaxpr, "conv_general_dilated") | _operand_dtypes(jaxpr, "dot_general")
+
+
 def test_states_are_float32_with_bfloat16_compute():
   g_state, d_state = create_states(_bf16_config(), init_key(0))
   assert g_state.batch_stats, "the tiny config uses BatchNorm: batch_stats must exist"
@@ -49,10 +55,12 @@ def test_states_are_float32_with_bfloat16_compute():
     assert _float_dtypes(tree) == {"float32"}, name
 
 
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
-def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype):
+def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype, conv_impl):
   c = tiny_config()
   c.compute_dtype = compute_dtype
+  c.conv_impl = conv_impl
   s, n = c.image_size, len(c.layer_names)
   gen, disc = make_generator(c, axis_name=None), make_discriminator(c)
   # abstract parameters: tracing needs no initialisation
@@ -62,7 +70,9 @@ def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype):
 
   g_jaxpr = jax.make_jaxpr(lambda v, x: gen.apply(v, x, train=True, method="separate",
                                                   mutable=["batch_stats"]))(g_vars, x)
-  assert _operand_dtypes(g_jaxpr.jaxpr, "conv_general_dilated") == {(compute_dtype, compute_dtype)}
+  assert _conv_dtypes(g_jaxpr.jaxpr) == {(compute_dtype, compute_dtype)}
+  primitive = "conv_general_dilated" if conv_impl == "xla" else "dot_general"
+  assert _operand_dtypes(g_jaxpr.jaxpr, primitive)  # the form asked for is the one traced
   # BatchNorm statistics are reduced in float32 whatever the compute dtype
   assert _operand_dtypes(g_jaxpr.jaxpr, "reduce_sum") == {("float32",)}
   (codes, out), upd = jax.eval_shape(
@@ -72,7 +82,7 @@ def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype):
   assert _float_dtypes(upd["batch_stats"]) == {"float32"}
 
   d_jaxpr = jax.make_jaxpr(lambda v, y: disc.apply(v, y))(d_vars, layers)
-  assert _operand_dtypes(d_jaxpr.jaxpr, "conv_general_dilated") == {(compute_dtype, compute_dtype)}
+  assert _conv_dtypes(d_jaxpr.jaxpr) == {(compute_dtype, compute_dtype)}
   assert {str(v.aval.dtype) for v in d_jaxpr.jaxpr.outvars} == {"float32"}
 
 
@@ -83,7 +93,7 @@ def test_instance_norm_keeps_float32_statistics():
   g_vars = jax.eval_shape(lambda: gen.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
   assert "batch_stats" not in g_vars and _float_dtypes(g_vars) == {"float32"}
   jaxpr = jax.make_jaxpr(lambda v, x: gen.apply(v, x, train=True))(g_vars, jnp.zeros((1, s, s, 3)))
-  assert _operand_dtypes(jaxpr.jaxpr, "conv_general_dilated") == {("bfloat16", "bfloat16")}
+  assert _conv_dtypes(jaxpr.jaxpr) == {("bfloat16", "bfloat16")}
   assert _operand_dtypes(jaxpr.jaxpr, "reduce_sum") == {("float32",)}
 
 

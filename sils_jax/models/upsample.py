@@ -61,7 +61,11 @@ def depth_to_space(x: jax.Array, features: int) -> jax.Array:
 
 
 class SubpixelConvTranspose(nn.Module):
-  """Equivalent of ``nn.ConvTranspose(features, (4, 4), (2, 2), 'SAME')``."""
+  """Equivalent of ``nn.ConvTranspose(features, (4, 4), (2, 2), 'SAME')``, same parameters.
+
+  ``form='subpixel'``: a 3x3 conv to 4F channels, then depth-to-space (module docstring).
+  ``form='phases'``: ``phase_matmul_conv_transpose``, the exact FLOPs of the transposed conv.
+  """
 
   features: int
   use_bias: bool = True
@@ -69,7 +73,8 @@ class SubpixelConvTranspose(nn.Module):
   bias_init: Any = nn.initializers.zeros_init()
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # models/conv.py
+  conv_impl: str = "auto"  # models/conv.py (form 'subpixel')
+  form: str = "subpixel"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,11 +82,15 @@ class SubpixelConvTranspose(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (4, 4, cin, self.features),
                         self.param_dtype)
     dtype = self.dtype or x.dtype
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+            if self.use_bias else None)
+    if self.form == "phases":
+      y = phase_matmul_conv_transpose(x.astype(dtype), kernel.astype(dtype))
+      return y if bias is None else y + bias
     w = subpixel_kernel(kernel).astype(dtype)  # map in param_dtype, then cast
     y = conv2d(x.astype(dtype), w, (1, 1), "SAME", self.conv_impl)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      y = y + jnp.tile(bias.astype(dtype), 4)
+    if bias is not None:
+      y = y + jnp.tile(bias, 4)
     return depth_to_space(y, self.features)
 
 
@@ -107,28 +116,6 @@ def phase_matmul_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return depth_to_space(jnp.concatenate(phases, axis=-1), feat)
 
 
-class PhaseConvTranspose(nn.Module):
-  """Equivalent of ``nn.ConvTranspose(features, (4, 4), (2, 2), 'SAME')`` (same
-  parameters), computed by ``phase_matmul_conv_transpose``: fast on CPU."""
-
-  features: int
-  use_bias: bool = True
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features),
-                        self.param_dtype)
-    dtype = self.dtype or x.dtype
-    y = phase_matmul_conv_transpose(x.astype(dtype), kernel.astype(dtype))
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
-    return y
-
-
 def upsample_conv(features: int, impl: str, *, use_bias: bool = True, dtype: Any = None,
                   conv_impl: str = "auto", name: str | None = None) -> nn.Module:
   """A 4x4 stride-2 upsampling conv, ``impl`` in UPSAMPLE_IMPLS (same maths, same parameters)."""
@@ -136,7 +123,7 @@ def upsample_conv(features: int, impl: str, *, use_bias: bool = True, dtype: Any
     return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, conv_impl=conv_impl,
                                  name=name)
   if impl == "phases":
-    return PhaseConvTranspose(features, use_bias=use_bias, dtype=dtype, name=name)
+    return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, form="phases", name=name)
   if impl == "transpose":
     return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=use_bias,
                             dtype=dtype, name=name)

@@ -11,9 +11,13 @@
 #    END_TRAIN_S seconds after the start, stopped with SIGTERM (the loop saves a
 #    checkpoint and exits), then each evaluated on the 1000 test triplets.
 # Everything lands in $OUT (or /tmp/device_out): bench.jsonl, runs.tgz, log.txt.
+# Budget: END_TRAIN_S + ~90 s (evaluation, archive) for the whole command; run it with
+# timeout_s >= END_TRAIN_S + 120. On 2026-11-27 it ran as `device_run.sh 265 150` under a
+# 330 s limit: the benchmarks finished (results/h200_2026-11-27.jsonl) but the limit
+# cut the training runs before their evaluation.
 set -u
 T0=$(date +%s)
-END_TRAIN=${1:-265}  # seconds after start at which training is stopped
+END_TRAIN=${1:-450}  # seconds after start at which training is stopped
 BENCH_S=${2:-150}
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def run(name: str, seed: int, args) -> dict:
   with open(metrics_path) as f:
     result = json.load(f)
   result["train_wall_s"] = round(train_s, 1)
-  result["command"] = " ".join(["python -m sils_jax.main"] + flags)
+  result["command"] = shlex.join(["python", "-m", "sils_jax.main"] + flags)
   with open(metrics_path, "w") as f:
     json.dump(result, f, indent=2)
   return result

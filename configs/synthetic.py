@@ -79,8 +79,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   # --- loop -----------------------------------------------------------------
   c.log_every_steps = 100
-  # Input: batches made ahead in worker threads (sils_jax/data/prefetch.py); 0: in the loop
-  c.prefetch_batches = 2
+  # Input: batches made ahead in worker threads (sils_jax/data/prefetch.py); 0: in the
+  # loop; -1: 2 on GPU/TPU, 0 on CPU (where the workers slow the step: 10% vs 4.8% loop
+  # overhead on 2 cores, benchmarks/README.md)
+  c.prefetch_batches = -1
   c.input_workers = 0  # 0: min(8, CPU count)
   c.eval_every_steps = 5000
   c.num_eval_images = 1000  # test triplets used by the periodic evaluation

@@ -48,8 +48,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   n = 30
   killed = str(tmp_path / "killed")
   ckpt = os.path.join(killed, "checkpoints")
+  # the interrupted run makes its batches ahead in worker threads, the reference makes
+  # them in the loop (the CPU default): equal results also show prefetching changes nothing
+  prefetch = dict(prefetch_batches=3, input_workers=2)
   proc = subprocess.Popen(_cli(killed, 10_000, checkpoint_every_steps=2, eval_every_steps=100_000,
-                               log_every_steps=100_000), env=ENV, cwd=ROOT,
+                               log_every_steps=100_000, **prefetch), env=ENV, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     _wait_for(lambda: os.path.isdir(os.path.join(ckpt, "4")), proc)
@@ -64,7 +67,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   assert 4 <= at_kill < n, at_kill  # killed mid-run, after the step-4 checkpoint
 
   # restart the same command with the final step count: resumes from `at_kill`
-  out = subprocess.run(_cli(killed, n, checkpoint_every_steps=2, eval_every_steps=100_000),
+  out = subprocess.run(_cli(killed, n, checkpoint_every_steps=2, eval_every_steps=100_000, **prefetch),
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"resumed from the checkpoint at step {at_kill}" in out.stderr
@@ -74,6 +77,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   config.num_train_steps = n
   config.eval_every_steps = 100_000
   config.checkpoint_every_steps = n
+  config.prefetch_batches = 0
   loop.train_and_evaluate(config, str(tmp_path / "straight"))
 
   g1, d1, s1 = _restore(killed, n)

@@ -70,8 +70,8 @@ def validate(config) -> None:
     _need(config[field] >= 1, field, "an integer >= 1", config[field])
   _need(config.get("tensorboard", "auto") in ("auto", "on", "off"), "tensorboard", "'auto', 'on' or 'off'",
         config.get("tensorboard"))
-  _need(config.get("prefetch_batches", 2) >= 0, "prefetch_batches", "an integer >= 0 (0: no prefetch)",
-        config.get("prefetch_batches"))
+  _need(config.get("prefetch_batches", -1) >= -1, "prefetch_batches",
+        "an integer >= 0 (0: no prefetch) or -1 (auto)", config.get("prefetch_batches"))
   _need(config.get("input_workers", 0) >= 0, "input_workers", "an integer >= 0 (0: automatic)",
         config.get("input_workers"))
   _need(config.get("profile_steps", 0) >= 0, "profile_steps", "an integer >= 0 (0: off)", config.get("profile_steps"))

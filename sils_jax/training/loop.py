@@ -128,7 +128,10 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   def make_batch(step: int) -> dict:  # a pure function of the step: safe to make ahead
     return shard(data.train_batch(step, global_batch, shard_index=jax.process_index(),
                                   num_shards=jax.process_count(), paired=supervised))
-  inputs = Prefetcher(make_batch, start_step, total, depth=config.get("prefetch_batches", 2),
+  depth = config.get("prefetch_batches", -1)
+  if depth < 0:  # auto: on a CPU backend the workers would take cores from the step itself
+    depth = 0 if jax.default_backend() == "cpu" else 2
+  inputs = Prefetcher(make_batch, start_step, total, depth=depth,
                       workers=config.get("input_workers", 0) or min(8, os.cpu_count() or 1))
   with _stop_on_sigterm() as preempted, _closing(manager), writer, profiler, inputs:
     for step in range(start_step, total):

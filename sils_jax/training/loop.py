@@ -139,19 +139,24 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
       g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, inputs.get(step))
       done = step + 1
       is_last = done == total
-      # NaN guard, read one step late: the flag of step `done - 1` is read after step
-      # `done` is queued, so the device never idles while the host waits (the guard
-      # kept the states of a bad step unchanged; nothing is saved before a check).
-      if pending is not None:
-        _check_finite(*pending, manager)
-      pending = (done, step_metrics)
       # interval averages of every term, accumulated on device in one jitted call
       # (no host sync per step); the copies on the devices are equal (pmean)
       interval = _accumulate(interval, step_metrics)
       rates = progress(done)
-      if rates is not None:  # this reads the step's values anyway: check it first
+      eval_now = done % config.eval_every_steps == 0 or is_last
+      # read once: a SIGTERM arriving later in this step is handled at the next one
+      save_now = done % config.checkpoint_every_steps == 0 or is_last or preempted.is_set()
+      # NaN guard, read one step late: the flag of step `done - 1` is read after step
+      # `done` is queued, so the device never idles while the host waits (the guard
+      # kept the states of a bad step unchanged). A step that is logged, evaluated or
+      # saved is checked at once, so nothing non-finite is reported or saved.
+      if pending is not None:
+        _check_finite(*pending, manager)
+      pending = (done, step_metrics)
+      if rates is not None or eval_now or save_now:
         _check_finite(*pending, manager)
         pending = None
+      if rates is not None:
         m = {k: float(v) for k, v in interval.compute().items()}
         interval = None
         m.update(rates, lr=float(lr_fn(done - 1)))
@@ -160,16 +165,11 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
         logging.info("step %d/%d  %.2f steps/s  eta %s  %s", done, total, rates["steps_per_s"],
                      eta_str(rates["eta_s"]), terms)
         writer.write_scalars(done, m)
-      if done % config.eval_every_steps == 0 or done % config.checkpoint_every_steps == 0 \
-          or is_last or preempted.is_set():  # check this step now: it is evaluated or saved
-        if pending is not None:
-          _check_finite(*pending, manager)
-        pending = None
-      if done % config.eval_every_steps == 0 or is_last:
+      if eval_now:
         last_eval = evaluate(done)
-      if done % config.checkpoint_every_steps == 0 or is_last or preempted.is_set():
+      if save_now:
         checkpoints.save(manager, done, unreplicate(g_rep), unreplicate(d_rep), config)
-      if preempted.is_set() and not is_last:
+      if save_now and preempted.is_set() and not is_last:
         logging.warning("SIGTERM: saved the checkpoint at step %d and stopped; rerun the same "
                         "command to continue", done)
         break

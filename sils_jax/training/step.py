@@ -130,8 +130,11 @@ def train_step(g_state, d_state, batch, cfg: LossConfig):
   batch: {'x': [b, H, W, 3], 'layers': [b, N, H, W, 3]} per device; x and the
   layers are unpaired. Gradients, BatchNorm statistics and metrics are averaged
   over the devices, so N devices x b images equal one device with N*b images.
+  With ``cfg.objective == 'supervised'`` the batch is paired, the generator learns
+  from L1 to the true layers and the discriminator is left as it is.
   """
-  if cfg.objective == "supervised":  # paired batch; no discriminator
+  supervised = cfg.objective == "supervised"  # paired batch; no discriminator
+  if supervised:
     (_, (g_metrics, new_stats, _)), g_grads = jax.value_and_grad(supervised_loss, has_aux=True)(
         g_state.params, g_state, batch)
   else:
@@ -140,20 +143,17 @@ def train_step(g_state, d_state, batch, cfg: LossConfig):
   g_grads = jax.lax.pmean(g_grads, AXIS)
   new_stats = jax.lax.pmean(new_stats, AXIS)
   new_g = g_state.apply_gradients(grads=g_grads, batch_stats=new_stats)
-  if cfg.objective == "supervised":
-    metrics = jax.lax.pmean({**g_metrics, "g_grad_norm": _global_norm(g_grads)}, AXIS)
-    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
-    metrics["finite"] = finite.astype(jnp.float32)
-    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_g, g_state), d_state, metrics
+  metrics = {**g_metrics, "g_grad_norm": _global_norm(g_grads)}
 
-  fakes = jax.lax.stop_gradient(preds)
-  (_, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-      d_state.params, d_state.apply_fn, batch["layers"], fakes, cfg)
-  d_grads = jax.lax.pmean(d_grads, AXIS)
-  new_d = d_state.apply_gradients(grads=d_grads)
+  new_d = d_state
+  if not supervised:
+    fakes = jax.lax.stop_gradient(preds)
+    (_, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+        d_state.params, d_state.apply_fn, batch["layers"], fakes, cfg)
+    d_grads = jax.lax.pmean(d_grads, AXIS)
+    new_d = d_state.apply_gradients(grads=d_grads)
+    metrics.update(d_metrics, d_grad_norm=_global_norm(d_grads))
 
-  metrics = {**g_metrics, **d_metrics, "g_grad_norm": _global_norm(g_grads),
-             "d_grad_norm": _global_norm(d_grads)}
   metrics = jax.lax.pmean(metrics, AXIS)
   # NaN/inf guard: every loss term and both gradient norms (a non-finite gradient
   # makes its norm non-finite) are checked here, on device, for the price of a few

@@ -22,8 +22,30 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.num_train = 4000  # paper: 4000 training images (unpaired: x, y, z drawn independently)
   c.num_test = 1000  # paper: 1000 test images (ground-truth triplets)
   c.blend_mode = "additive"  # x = y ⊕ z of eq. (1): 'additive' (reflection, toy) or 'multiplicative' (intrinsic)
+  # Prepared datasets (sils_jax/data/builders.py; dataset 'mit_intrinsic', 'sir2',
+  # 'image_folders', or 'synthetic_shapes' = these shapes stored as a TFDS dataset).
+  c.manual_dir = ""  # the user's downloaded data (real datasets); nothing is downloaded
+  c.data_dir = ""  # where prepared datasets are written ('': ~/tensorflow_datasets)
+  c.subset1 = ()  # mit_intrinsic / sir2: objects (keys) of subset 1, the inputs x ((): documented default split)
+  c.subset2 = ()  # ... of subset 2: the layer images and the test triplets
+  c.folders = ()  # image_folders: the mixtures' directory, then one per layer (relative to manual_dir)
+  c.test_folder = ""  # image_folders: optional directory of test triplets (subfolders named as `folders`)
+  c.augment = False  # Sec. 4 (real data): random scale in scale_range, random crop to image_size, random flip
+  c.scale_range = (0.8, 1.2)  # Sec. 4: "random scalings by factors within 0.8 ~ 1.2"
+  c.base_size = 0  # resize the shorter side to this before augmenting (0: keep the file's size)
+  c.eval_image_size = 0  # test triplets: shorter side resized to this, centre crop (0: image_size)
 
   # --- model ----------------------------------------------------------------
+  # 'unet' (Sec. 4, synthetic data) or 'vgg' (Sec. 4, real images: VGG-19 encoder,
+  # dilated context decoder; sils_jax/models/vgg.py)
+  c.generator = "unet"
+  c.vgg_weights = ""  # 'vgg': pretrained VGG-19 file (.h5 Keras, .pth torchvision, .npz converted); '': random init
+  c.vgg_preprocess = "auto"  # 'caffe' (Keras weights), 'torch' (torchvision), 'auto': from the weights file
+  # Train the VGG encoders (default) or keep them at the pretrained weights. The SS
+  # loss needs E_k(x) to move towards E_k(y_k) and away from the other streams: with
+  # frozen (identical) encoders its inter-domain term cannot change.
+  c.freeze_encoder = False
+  c.vgg_channel_divisor = 1  # divide VGG-19's widths (tests only; 1 for pretrained weights)
   c.encoder_features = (16, 32, 64, 128, 256)  # E: five 4x4 stride-2 convs (Sec. 4)
   c.decoder_features = (128, 64, 32, 16, 16)  # G: the encoder's layers reversed, then a 3-channel conv
   c.norm = "batch"  # Sec. 4: batch normalisation after every conv ('batch', 'instance', 'none')

@@ -32,9 +32,9 @@ flags.DEFINE_integer("num_examples", 6, "Test images shown in RUN/eval/examples.
 METRICS = ("mse", "lmse", "psnr", "ssim")
 
 
-def _scores(pred: np.ndarray, true: np.ndarray, names) -> dict:
+def _scores(pred: np.ndarray, true: np.ndarray, names, mask=None) -> dict:
   from sils_jax import metrics
-  per = metrics.per_layer_metrics(pred, true, names, which=METRICS)
+  per = metrics.per_layer_metrics(pred, true, names, mask=mask, which=METRICS)
   out = {}
   for name in names:
     row = {k: float(v) for k, v in per[name].items()}
@@ -52,7 +52,7 @@ def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50,
   the re-blend; columns the first ``num_examples`` test images).
   """
   data = separator.test_data(num_images)
-  x, true = data["x"], data["layers"]
+  x, true, mask = data["x"], data["layers"], data.get("mask")  # masks (MIT): LMSE only
   names = separator.layer_names
   preds, start = [], time.time()
   for i in range(0, len(x), batch_size):
@@ -71,12 +71,15 @@ def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50,
       "step": separator.step,
       "split": "test",
       "num_images": int(len(x)),
-      "layers": _scores(pred, true, names),
+      "layers": _scores(pred, true, names, mask),
       "baselines": {
-          "x_over_n": _scores(np.repeat(x[:, None] / n, n, axis=1), true, names),
-          "zero": _scores(np.zeros_like(true), true, names),
+          "x_over_n": _scores(np.repeat(x[:, None] / n, n, axis=1), true, names, mask),
+          "zero": _scores(np.zeros_like(true), true, names, mask),
       },
   }
+  if separator.config.dataset == "mit_intrinsic":  # Table 1's "LMSE total"
+    from sils_jax import metrics
+    result["mit_lmse_total"] = float(metrics.mit_lmse(true[:, 0], pred[:, 0], true[:, 1], pred[:, 1], mask))
   return result, examples
 
 
@@ -90,6 +93,8 @@ def markdown(result: dict, names) -> str:
   for label, s in rows:
     vals = [s[k]["mse100"] for k in names]
     lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} |")
+  if "mit_lmse_total" in result:
+    lines += ["", f"MIT LMSE total (Table 1, 0.5 albedo + 0.5 shading, gray): {result['mit_lmse_total']:.4f}"]
   lines += ["", "All metrics (LMSE: Grosse et al. 2009, windows 20/10; PSNR/SSIM: Gaussian 11, σ 1.5, "
             "range 1):", "", "| method | layer | MSE x100 | LMSE | PSNR | SSIM | images |",
             "|---|---|---|---|---|---|---|"]

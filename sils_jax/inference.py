@@ -75,7 +75,8 @@ class Separator:
     self.layer_names = tuple(config.layer_names)
     self.step = step
     self._params, self._batch_stats = params, batch_stats
-    self._multiple = 2 ** len(config.encoder_features)
+    # input sizes must be multiples of the encoder's total stride (padded up to one)
+    self._multiple = 16 if config.get("generator", "unet") == "vgg" else 2 ** len(config.encoder_features)
     model = make_generator(config, axis_name=None)
     run = functools.partial(predict, model, norm_stats=config.eval_norm_stats)
     # jax.jit compiles once per input shape and caches the result.

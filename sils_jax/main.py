@@ -24,9 +24,10 @@ def main(argv):
   from sils_jax.training import config_checks, loop  # after flag parsing: keeps --help fast
   from sils_jax.training.distributed import initialize_distributed
   initialize_distributed(FLAGS.config)  # before anything touches the devices
+  from sils_jax.data.image_io import DataError
   try:
     result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_checks.ConfigError, FloatingPointError) as e:
+  except (config_checks.ConfigError, DataError, FloatingPointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   logging.info("final evaluation: %s", result)
 

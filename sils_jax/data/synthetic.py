@@ -43,11 +43,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from sils_jax.data import sampling
+
 SHAPES = ("square", "circle", "triangle")
 SPLITS = {"train": 0, "test": 1}
-
-# Seed component that separates the per-epoch shuffles from the renders.
-_SHUFFLE_STREAM = 7
 
 
 def _check_shapes(shapes: Sequence[str]) -> tuple[str, ...]:
@@ -190,13 +189,6 @@ def render_layer(seed: int, split: str, domain: int, index: int, layer: int, *,
                       image_size)
 
 
-@functools.lru_cache(maxsize=64)
-def _epoch_permutation(seed: int, domain: int, epoch: int, num: int) -> np.ndarray:
-  perm = np.random.default_rng([seed, _SHUFFLE_STREAM, domain, epoch]).permutation(num)
-  perm.flags.writeable = False
-  return perm
-
-
 class SyntheticLayers:
   """Unpaired training data and paired test data of N shape layers.
 
@@ -227,15 +219,9 @@ class SyntheticLayers:
             f"num_train={self.num_train}, num_test={self.num_test}, seed={self.seed})")
 
   def train_indices(self, domain: int, positions: np.ndarray) -> np.ndarray:
-    """Example index of domain ``domain`` at global example positions ``positions``."""
-    positions = np.asarray(positions, dtype=np.int64)
-    out = np.empty_like(positions)
-    epochs = positions // self.num_train
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      perm = _epoch_permutation(self.seed, int(domain), int(epoch), self.num_train)
-      out[sel] = perm[positions[sel] % self.num_train]
-    return out
+    """Example index of domain ``domain`` at global example positions ``positions``
+    (``sampling.example_indices``: independent shuffles per domain and epoch)."""
+    return sampling.example_indices(self.seed, domain, positions, self.num_train)
 
   def train_batch(self, step: int, batch_size: int, *, shard_index: int = 0,
                   num_shards: int = 1, paired: bool = False) -> dict:
@@ -249,18 +235,8 @@ class SyntheticLayers:
     ``e = p // num_train`` and ``perm_{d,e}`` the permutation from
     ``default_rng([seed, 7, d, e])``. Shard s takes rows [s b, (s + 1) b).
     """
-    if batch_size < 1 or num_shards < 1:
-      raise ValueError(f"batch_size and num_shards must be positive, got "
-                       f"batch_size={batch_size}, num_shards={num_shards}")
-    if batch_size % num_shards:
-      raise ValueError(f"batch_size={batch_size} is not divisible by "
-                       f"num_shards={num_shards}")
-    if not 0 <= shard_index < num_shards:
-      raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
-    if step < 0:
-      raise ValueError(f"step must be >= 0, got {step}")
-    b = batch_size // num_shards
-    positions = int(step) * batch_size + shard_index * b + np.arange(b, dtype=np.int64)
+    positions = sampling.shard_positions(step, batch_size, shard_index, num_shards)
+    b = len(positions)
     s, n = self.image_size, self.num_layers
     x = np.empty((b, s, s, 3), np.float32)
     layers = np.empty((b, n, s, s, 3), np.float32)

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from sils_jax.models.unet import Decoder, Encoder
+from sils_jax.models.vgg import ContextDecoder, VGGEncoder
+
+GENERATORS = ("unet", "vgg")
 
 
 class LayerSeparator(nn.Module):
@@ -27,8 +30,24 @@ class LayerSeparator(nn.Module):
   output_activation: str = "none"
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # models/conv.py: how convolutions run (same maths)
+  # 'unet': the synthetic-data stream (unet.py); 'vgg': VGG-19 encoder and dilated
+  # context decoder for real images (vgg.py; encoder_features and norm do not apply,
+  # decoder_features are the four decoder blocks' filters)
+  generator: str = "unet"
+  vgg_preprocess: str = "torch"  # vgg.py: 'caffe' (Keras weights) or 'torch' (torchvision)
+  vgg_channel_divisor: int = 1  # VGG-19's widths divided by this (tests; 1 = VGG-19)
 
   def setup(self):
+    if self.generator == "vgg":
+      self.encoders = [VGGEncoder(self.vgg_preprocess, self.dtype, self.conv_impl,
+                                  self.vgg_channel_divisor, name=f"E{k}")
+                       for k in range(self.num_layers)]
+      self.decoders = [ContextDecoder(tuple(self.decoder_features), output_activation=self.output_activation,
+                                      dtype=self.dtype, conv_impl=self.conv_impl, name=f"G{k}")
+                       for k in range(self.num_layers)]
+      return
+    if self.generator != "unet":
+      raise ValueError(f"config.generator must be one of {GENERATORS}, got {self.generator!r}")
     kw = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
               conv_impl=self.conv_impl)
     self.encoders = [Encoder(tuple(self.encoder_features), name=f"E{k}", **kw)

@@ -18,7 +18,8 @@ from sils_jax.training.config_checks import ConfigError
 # Fields that change the parameter shapes or the meaning of the saved state; a
 # resumed run must agree on them. Others (num_train_steps, logging) may change.
 ARCHITECTURE_FIELDS = ("layer_names", "image_size", "encoder_features", "decoder_features", "norm",
-                       "disc_branches", "disc_features", "upsample", "output_activation")
+                       "disc_branches", "disc_features", "upsample", "output_activation", "generator",
+                       "vgg_preprocess", "vgg_channel_divisor", "freeze_encoder")
 
 
 def checkpoint_dir(workdir: str) -> str:

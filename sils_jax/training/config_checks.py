@@ -8,7 +8,9 @@ from sils_jax import blend
 from sils_jax.models.conv import IMPLS as CONV_IMPLS
 from sils_jax.models.upsample import UPSAMPLE_IMPLS
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "synthetic_shapes", "mit_intrinsic", "sir2", "image_folders")
+GENERATORS = ("unet", "vgg")
+VGG_PREPROCESS = ("auto", "caffe", "torch")
 GAN_LOSSES = ("nsgan", "lsgan")
 SS_MODES = ("elementwise", "mean")
 LR_SCHEDULES = ("constant", "linear_decay")
@@ -35,14 +37,43 @@ def validate(config) -> None:
   for name in config.layer_names:
     _need(isinstance(name, str) and name.isidentifier(), "layer_names",
           "names usable in file names (letters, digits, _)", name)
-  if config.dataset == "synthetic":
+  if config.dataset in ("synthetic", "synthetic_shapes"):
     _need(len(config.shapes) == n, "shapes", f"{n} shape kinds (one per layer name)", config.shapes)
+  else:
+    _need(bool(config.get("manual_dir", "")), "manual_dir",
+          f"the directory holding the {config.dataset} data (nothing is downloaded)", config.get("manual_dir"))
+  if config.dataset == "image_folders":
+    _need(len(config.folders) == n + 1, "folders",
+          f"{n + 1} directories: the mixtures', then one per layer {tuple(config.layer_names)}", config.folders)
+  if config.dataset in ("mit_intrinsic", "sir2"):
+    _need(not set(config.subset1) & set(config.subset2), "subset2",
+          "no entry also in subset1 (the split must be disjoint)", sorted(set(config.subset1) & set(config.subset2)))
+  lo, hi = config.get("scale_range", (0.8, 1.2))
+  _need(0 < lo <= hi, "scale_range", "(low, high) with 0 < low <= high", config.get("scale_range"))
+  _need(config.get("base_size", 0) >= 0, "base_size", "an integer >= 0 (0: keep the file's size)",
+        config.get("base_size"))
+  generator = config.get("generator", "unet")
+  _need(generator in GENERATORS, "generator", f"one of {GENERATORS}", generator)
+  _need(config.get("vgg_preprocess", "auto") in VGG_PREPROCESS, "vgg_preprocess", f"one of {VGG_PREPROCESS}",
+        config.get("vgg_preprocess"))
+  divisor = config.get("vgg_channel_divisor", 1)
+  _need(divisor in (1, 2, 4, 8, 16, 32, 64), "vgg_channel_divisor", "a power of two dividing 64", divisor)
+  if config.get("vgg_weights", ""):
+    _need(generator == "vgg", "vgg_weights", "'' unless config.generator='vgg'", config.vgg_weights)
+    _need(divisor == 1, "vgg_channel_divisor", "1 with pretrained weights (VGG-19's own widths)", divisor)
   _need(config.blend_mode in blend.MODES, "blend_mode", f"one of {blend.MODES}", config.blend_mode)
-  depth = len(config.encoder_features)
-  _need(len(config.decoder_features) == depth, "decoder_features",
-        f"{depth} entries (one per encoder level)", config.decoder_features)
-  _need(config.image_size % (2 ** depth) == 0, "image_size",
-        f"a multiple of 2**{depth} = {2 ** depth} (the encoder halves it {depth} times)", config.image_size)
+  depth = len(config.encoder_features) if generator == "unet" else 5  # vgg: vgg.LEVELS
+  if generator == "unet":
+    _need(len(config.decoder_features) == depth, "decoder_features",
+          f"{depth} entries (one per encoder level)", config.decoder_features)
+    _need(config.image_size % (2 ** depth) == 0, "image_size",
+          f"a multiple of 2**{depth} = {2 ** depth} (the encoder halves it {depth} times)", config.image_size)
+  else:
+    _need(len(config.decoder_features) == 4, "decoder_features",
+          "4 entries (the filters of the 4 decoder blocks of the VGG generator)", config.decoder_features)
+    for field in ("image_size", "eval_image_size"):
+      _need(config.get(field, 0) % 16 == 0, field, "a multiple of 16 (VGG-19's latent code is at 1/16)",
+            config.get(field, 0))
   _need(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}",
         config.compute_dtype)
   _need(config.upsample in UPSAMPLE_IMPLS, "upsample", f"one of {UPSAMPLE_IMPLS}", config.upsample)

@@ -21,26 +21,79 @@ from sils_jax.data.synthetic import SyntheticLayers
 from sils_jax.image_grid import separation_grid
 from sils_jax.training import checkpoints, config_checks
 from sils_jax.training.devices import replicate, shard, unreplicate
-from sils_jax.training.state import AXIS, create_states, init_key, learning_rate_fn, make_generator
+from sils_jax.training.state import (AXIS, create_states, init_key, learning_rate_fn, load_pretrained_encoders,
+                                     make_generator, resolve_vgg_preprocess)
 from sils_jax.training.step import LossConfig, predict, train_step
 from sils_jax.training.writers import Progress, ProfileWindow, eta_str, make_writer
 
 
-def make_dataset(config) -> SyntheticLayers:
-  return SyntheticLayers(image_size=config.image_size, shapes=tuple(config.shapes),
-                         num_train=config.num_train, num_test=config.num_test, seed=config.seed)
+def make_dataset(config):
+  """The run's data: synthetic shapes rendered on the fly, or a prepared TFDS dataset
+  (built from config.manual_dir on first use) read by ``pipeline.RecordLayers``; both
+  have the same interface and the same sampling order (``data/sampling.py``)."""
+  if config.dataset == "synthetic":
+    return SyntheticLayers(image_size=config.image_size, shapes=tuple(config.shapes),
+                           num_train=config.num_train, num_test=config.num_test, seed=config.seed)
+  from sils_jax.data import builders, pipeline
+  options = dataset_options(config)
+  data_dir = config.get("data_dir", "") or os.path.expanduser("~/tensorflow_datasets")
+  if jax.process_count() > 1:  # process 0 builds, the others then read the finished build
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
+    multihost_utils.sync_global_devices("sils_jax dataset prepared")
+    if jax.process_index() != 0:
+      builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
+  else:
+    builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
+  names, mode = builders.builder_layer_names(builder), builders.builder_blend_mode(builder)
+  if len(names) != len(config.layer_names):
+    raise config_checks.ConfigError(
+        f"config.layer_names: expected {len(names)} names for dataset {config.dataset} (its layers are "
+        f"{names}), got {tuple(config.layer_names)}")
+  if mode != config.blend_mode:
+    raise config_checks.ConfigError(f"config.blend_mode: expected {mode!r} for dataset {config.dataset}, "
+                                    f"got {config.blend_mode!r}")
+  return pipeline.RecordLayers(
+      builders.data_sources(builder), num_layers=len(names), image_size=config.image_size,
+      seed=config.seed, augment=config.get("augment", False), scale_range=tuple(config.scale_range),
+      base_size=config.get("base_size", 0), eval_size=config.get("eval_image_size", 0),
+      name=config.dataset)
+
+
+def dataset_options(config) -> dict:
+  """The builder options of config.dataset (builders.prepare's keyword arguments)."""
+  if config.dataset == "synthetic_shapes":
+    return dict(image_size=config.image_size, shapes=tuple(config.shapes), num_train=config.num_train,
+                num_test=config.num_test, seed=config.seed)
+  manual_dir = os.path.expanduser(config.manual_dir)
+  if config.dataset in ("mit_intrinsic", "sir2"):
+    return dict(manual_dir=manual_dir, subset1=tuple(config.subset1) or None,
+                subset2=tuple(config.subset2) or None)
+  return dict(manual_dir=manual_dir, dirs=tuple(config.folders), layer_names=tuple(config.layer_names),
+              blend_mode=config.blend_mode, test_dir=config.test_folder or None)
 
 
 class Evaluator:
-  """Test MSE per layer on the held-out ground-truth triplets, plus sample grids."""
+  """Test MSE per layer on the held-out ground-truth triplets, plus sample grids.
 
-  def __init__(self, config, data: SyntheticLayers):
+  A dataset without test triplets (image_folders without test_folder) gets no scores;
+  its sample grids show training inputs and their separation."""
+
+  def __init__(self, config, data):
     self.config = config
     self.names = tuple(config.layer_names)
-    count = min(config.num_eval_images, config.num_test)
-    self.test = data.test_arrays(count)
+    count = min(config.num_eval_images, data.num_test)
     model = make_generator(config, axis_name=None)
     self._predict = jax.jit(functools.partial(predict, model, norm_stats=config.eval_norm_stats))
+    if count == 0:
+      logging.warning("dataset %s has no test triplets: no test scores, sample grids show training inputs",
+                      config.dataset)
+      self.test = None
+      self.sample_x = data.train_batch(0, config.num_sample_images)["x"]
+      self.baselines = {}
+      return
+    self.test = data.test_arrays(count)
     self.baselines = {kind: {k: float(v) * 100 for k, v in per.items()}
                       for kind, per in metrics.trivial_baselines(
                           self.test["x"], self.test["layers"], self.names).items()}
@@ -52,6 +105,8 @@ class Evaluator:
     return np.clip(np.concatenate(outs), 0.0, 1.0)
 
   def evaluate(self, g_state) -> dict[str, float]:
+    if self.test is None:
+      return {}
     pred = self.predict(g_state, self.test["x"])
     per = metrics.per_layer_mse(pred, self.test["layers"], self.names)
     out = {f"mse100_{k}": float(v) * 100 for k, v in per.items()}
@@ -60,8 +115,9 @@ class Evaluator:
 
   def samples(self, g_state) -> np.ndarray:
     k = self.config.num_sample_images
-    x, true = self.test["x"][:k], self.test["layers"][:k]
+    x = self.sample_x if self.test is None else self.test["x"][:k]
     pred = self.predict(g_state, x)
+    true = np.zeros_like(pred) if self.test is None else self.test["layers"][:k]  # black: unknown
     recomposed = np.asarray(blend.compose(np.moveaxis(pred, 1, 0), self.config.blend_mode))
     return separation_grid(x, pred, true, recomposed)
 
@@ -70,6 +126,8 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   """Trains as the config says, writing into ``workdir``; returns the last evaluation
   (and, with return_states, also this process's final generator and discriminator states)."""
   config_checks.validate(config)
+  if config.get("generator", "unet") == "vgg" and config.get("vgg_preprocess", "auto") == "auto":
+    config.vgg_preprocess = resolve_vgg_preprocess(config)  # saved resolved: restores need no weights file
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   num_devices = jax.local_device_count()
@@ -83,6 +141,14 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   g_state, d_state, start_step = checkpoints.restore_latest(manager, g_state, d_state, config)
   if start_step:
     logging.info("resumed from the checkpoint at step %d", start_step)
+  elif config.get("generator", "unet") == "vgg":
+    if config.get("vgg_weights", ""):
+      g_state = load_pretrained_encoders(g_state, config)
+      logging.info("VGG-19 encoders initialised from %s (preprocessing %r)", config.vgg_weights,
+                   config.vgg_preprocess)
+    else:
+      logging.warning("config.vgg_weights is empty: the VGG-19 encoders start from random weights "
+                      "(the paper starts from ImageNet weights)")
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -107,9 +173,10 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   def evaluate(step: int) -> dict[str, Any]:
     g_host = unreplicate(g_rep)
     result = {"step": step, **evaluator.evaluate(g_host)}
-    logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", step,
-                 {k: round(v, 4) for k, v in result.items() if k.startswith("mse")},
-                 {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
+    if evaluator.test is not None:
+      logging.info("eval step %d: test MSE x100 %s (x/N baseline %s)", step,
+                   {k: round(v, 4) for k, v in result.items() if k.startswith("mse")},
+                   {k: round(v, 4) for k, v in evaluator.baselines["x_over_n"].items()})
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "step"})
     writer.write_images(step, {"separation": evaluator.samples(g_host)})
     return result

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -33,7 +35,68 @@ def make_generator(config, *, axis_name: str | None = AXIS) -> LayerSeparator:
       upsample=config.upsample,
       output_activation=config.output_activation,
       dtype=jnp.dtype(config.get("compute_dtype", "float32")),
-      conv_impl=config.get("conv_impl", "auto"))
+      conv_impl=config.get("conv_impl", "auto"),
+      generator=config.get("generator", "unet"),
+      vgg_preprocess=resolve_vgg_preprocess(config),
+      vgg_channel_divisor=config.get("vgg_channel_divisor", 1))
+
+
+def resolve_vgg_preprocess(config) -> str:
+  """config.vgg_preprocess, with 'auto' read from the weights file ('torch' without one).
+
+  The training loop writes the resolved value into the config it saves, so a restored
+  run never needs the weights file again."""
+  mode = config.get("vgg_preprocess", "auto")
+  if mode != "auto":
+    return mode
+  path = config.get("vgg_weights", "")
+  if not path:
+    return "torch"
+  ext = os.path.splitext(path)[1].lower()
+  if ext in (".h5", ".hdf5"):
+    return "caffe"  # the Keras release
+  if ext in (".pth", ".pt"):
+    return "torch"  # torchvision's
+  if ext == ".npz" and os.path.isfile(path):
+    with np.load(path, allow_pickle=False) as f:
+      if "preprocess" in f:
+        return str(f["preprocess"])
+  raise ValueError(f"config.vgg_weights={path!r}: cannot tell its preprocessing (expected an existing "
+                   ".h5, .pth or converted .npz file); set config.vgg_preprocess to 'caffe' or 'torch'")
+
+
+def load_pretrained_encoders(g_state: GenState, config) -> GenState:
+  """Every stream's VGG-19 encoder E_k starts from the weights in config.vgg_weights."""
+  from sils_jax.models import vgg_weights
+  path = config.vgg_weights
+  pretrained, _ = vgg_weights.load(path)
+  params = dict(g_state.params)
+  for k in range(len(config.layer_names)):
+    current = params[f"E{k}"]["vgg"]
+    for name, leaves in current.items():
+      for leaf, value in leaves.items():
+        want = value.shape
+        got = pretrained[name][leaf].shape if name in pretrained and leaf in pretrained[name] else None
+        if got != want:
+          raise ValueError(f"{path}: {name}/{leaf} has shape {got}, the model expects {want} "
+                           "(config.vgg_channel_divisor must be 1 for pretrained VGG-19 weights)")
+    params[f"E{k}"] = {**params[f"E{k}"], "vgg": jax.tree.map(jnp.asarray, {n: dict(pretrained[n]) for n in current})}
+  return g_state.replace(params=params)
+
+
+def _frozen_labels(params) -> Any:
+  """'frozen' for the encoders' parameters (E0, E1, ...), 'train' for the rest."""
+  return {top: jax.tree.map(lambda _: "frozen" if top.startswith("E") else "train", sub)
+          for top, sub in params.items()}
+
+
+def make_generator_optimizer(config) -> optax.GradientTransformation:
+  """Adam for G; with config.freeze_encoder the encoders' updates are zero (XLA then
+  drops the computation of their weight gradients)."""
+  adam = make_optimizer(config)
+  if not config.get("freeze_encoder", False):
+    return adam
+  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, _frozen_labels)
 
 
 def make_discriminator(config) -> LayerDiscriminators:
@@ -81,7 +144,7 @@ def create_states(config, rng: jax.Array) -> tuple[GenState, train_state.TrainSt
   d_vars = jax.jit(lambda r: disc.init(r, jnp.zeros((1, n, s, s, 3))))(d_rng)
   g_state = GenState.create(apply_fn=make_generator(config).apply, params=g_vars["params"],
                             batch_stats=g_vars["batch_stats"] if "batch_stats" in g_vars else {},
-                            tx=make_optimizer(config))
+                            tx=make_generator_optimizer(config))
   d_state = train_state.TrainState.create(apply_fn=disc.apply, params=d_vars["params"],
                                           tx=make_optimizer(config))
   step0 = jnp.zeros((), jnp.int32)

@@ -32,9 +32,23 @@ def replicate(tree):
   return jax.tree.map(put, tree)
 
 
+def first_copy(a):
+  """The first local device's slice of a [devices, ...] array, still on that device,
+  read from its buffer without running a computation (``a[0]`` would compile a
+  gather over every local device)."""
+  if isinstance(a, jax.Array) and len(a.addressable_shards) > 1:
+    return a.addressable_shards[0].data  # [1, ...]
+  return a[:1]
+
+
 def unreplicate(tree):
-  """The first device's copy of every leaf."""
-  return jax.tree.map(lambda a: a[0], tree)
+  """The first device's copy of every leaf, as host numpy arrays.
+
+  No device computation runs: in a multi-process job every computation over several
+  devices is a collective step that the processes must take in the same order, and a
+  process-local gather issued while another process waits in a global collective
+  was seen to hang (tests/test_multihost.py)."""
+  return jax.tree.map(lambda a: np.asarray(first_copy(a))[0], tree)
 
 
 def shard(batch: dict) -> dict:

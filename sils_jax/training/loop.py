@@ -20,7 +20,7 @@ from sils_jax.data.prefetch import Prefetcher
 from sils_jax.data.synthetic import SyntheticLayers
 from sils_jax.image_grid import separation_grid
 from sils_jax.training import checkpoints, config_checks
-from sils_jax.training.devices import replicate, shard, unreplicate
+from sils_jax.training.devices import first_copy, replicate, shard, unreplicate
 from sils_jax.training.state import (AXIS, create_states, init_key, learning_rate_fn, load_pretrained_encoders,
                                      make_generator, resolve_vgg_preprocess)
 from sils_jax.training.step import LossConfig, predict, train_step
@@ -208,7 +208,8 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
       is_last = done == total
       # interval averages of every term, accumulated on device in one jitted call
       # (no host sync per step); the copies on the devices are equal (pmean)
-      interval = _accumulate(interval, step_metrics)
+      # (on the first device's copies: single-device computations, never a collective)
+      interval = _accumulate(interval, jax.tree.map(first_copy, step_metrics))
       rates = progress(done)
       eval_now = done % config.eval_every_steps == 0 or is_last
       # read once: a SIGTERM arriving later in this step is handled at the next one
@@ -251,7 +252,7 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
 
 def _check_finite(done: int, step_metrics, manager) -> None:
   """Raises FloatingPointError naming the step and the non-finite terms (one scalar read)."""
-  if bool(step_metrics["finite"][0]):
+  if bool(np.asarray(first_copy(step_metrics["finite"]))[0]):
     return
   m = {k: float(v) for k, v in unreplicate(step_metrics).items()}
   bad = sorted(k for k, v in m.items() if not np.isfinite(v))

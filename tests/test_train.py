@@ -105,7 +105,8 @@ def test_main_end_to_end_then_resume(tmp_path):
   tiny = os.path.join(ROOT, "tests", "tiny_config.py")
   # the CLI, with --config.field overrides, on a config file that reuses configs/synthetic.py
   cmd = [sys.executable, "-m", "sils_jax.main", f"--config={tiny}", f"--workdir={workdir}",
-         "--config.num_train_steps=2", "--config.learning_rate=0.0002"]
+         "--config.num_train_steps=2", "--config.learning_rate=0.0002",
+         "--config.conv_impl=auto"]  # the CPU default (the resume below runs 'xla': same parameters)
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2" in out.stderr and "test MSE x100" in out.stderr

@@ -232,56 +232,53 @@ def _subset_option(value, arg: str) -> list[str] | None:
   return None if names is None else sorted(names)
 
 
-class MitIntrinsic(_FileBuilder, skip_registration=True):
+class _TwoSubsetBuilder(_FileBuilder, skip_registration=True):
+  """A benchmark with a fixed layout, split into two disjoint subsets (paper Sec. 5.1):
+  subclasses name the layers, the blend and the layout's scan function."""
+
+  LAYER_NAMES: tuple[str, ...] = ()
+  BLEND_MODE = ""
+  SCAN = None  # layouts.scan_*(manual_dir, subset1, subset2)
+
+  def __init__(self, *, data_dir, manual_dir, subset1: Sequence[str] | None = None,
+               subset2: Sequence[str] | None = None):
+    options = {"manual_dir": os.path.abspath(os.fspath(manual_dir)),
+               "subset1": _subset_option(subset1, "subset1"),
+               "subset2": _subset_option(subset2, "subset2")}
+    self._setup(data_dir, options, dict(data_dir=data_dir, manual_dir=manual_dir,
+                                        subset1=subset1, subset2=subset2))
+
+  def _layer_names(self):
+    return self.LAYER_NAMES
+
+  def _blend_mode(self):
+    return self.BLEND_MODE
+
+  def _scan(self):
+    o = self._options
+    return type(self).SCAN(o["manual_dir"], o["subset1"], o["subset2"])
+
+
+class MitIntrinsic(_TwoSubsetBuilder, skip_registration=True):
   """MIT Intrinsic Images, unpaired scene-disjoint split (see ``layouts.scan_mit_intrinsic``)."""
 
   name = "mit_intrinsic"
   TITLE = ("MIT Intrinsic Images (Grosse et al. 2009): x = albedo * shading, unpaired "
            "split over two disjoint object subsets (paper Sec. 5.1).")
-
-  def __init__(self, *, data_dir, manual_dir, subset1: Sequence[str] | None = None,
-               subset2: Sequence[str] | None = None):
-    options = {"manual_dir": os.path.abspath(os.fspath(manual_dir)),
-               "subset1": _subset_option(subset1, "subset1"),
-               "subset2": _subset_option(subset2, "subset2")}
-    self._setup(data_dir, options, dict(data_dir=data_dir, manual_dir=manual_dir,
-                                        subset1=subset1, subset2=subset2))
-
-  def _layer_names(self):
-    return layouts.MIT_LAYER_NAMES
-
-  def _blend_mode(self):
-    return "multiplicative"
-
-  def _scan(self):
-    o = self._options
-    return layouts.scan_mit_intrinsic(o["manual_dir"], o["subset1"], o["subset2"])
+  LAYER_NAMES = layouts.MIT_LAYER_NAMES
+  BLEND_MODE = "multiplicative"
+  SCAN = staticmethod(layouts.scan_mit_intrinsic)
 
 
-class Sir2(_FileBuilder, skip_registration=True):
+class Sir2(_TwoSubsetBuilder, skip_registration=True):
   """SIR² reflection removal benchmark, unpaired split (see ``layouts.scan_sir2``)."""
 
   name = "sir2"
   TITLE = ("SIR² reflection removal benchmark (Wan et al. 2017): x = background + "
            "reflection, unpaired split over two disjoint key subsets (paper Sec. 5.1).")
-
-  def __init__(self, *, data_dir, manual_dir, subset1: Sequence[str] | None = None,
-               subset2: Sequence[str] | None = None):
-    options = {"manual_dir": os.path.abspath(os.fspath(manual_dir)),
-               "subset1": _subset_option(subset1, "subset1"),
-               "subset2": _subset_option(subset2, "subset2")}
-    self._setup(data_dir, options, dict(data_dir=data_dir, manual_dir=manual_dir,
-                                        subset1=subset1, subset2=subset2))
-
-  def _layer_names(self):
-    return layouts.SIR2_LAYER_NAMES
-
-  def _blend_mode(self):
-    return "additive"
-
-  def _scan(self):
-    o = self._options
-    return layouts.scan_sir2(o["manual_dir"], o["subset1"], o["subset2"])
+  LAYER_NAMES = layouts.SIR2_LAYER_NAMES
+  BLEND_MODE = "additive"
+  SCAN = staticmethod(layouts.scan_sir2)
 
 
 class ImageFolders(_FileBuilder, skip_registration=True):

@@ -49,6 +49,16 @@ def make_norm(kind: str, *, train: bool, axis_name: str | None, dtype: Any, name
   raise ValueError(f"config.norm must be one of {NORMS}, got {kind!r}")
 
 
+def output_activation(h: jax.Array, kind: str) -> jax.Array:
+  """The decoder's output in float32: 'none' (the authors' code) or 'sigmoid'."""
+  h = h.astype(jnp.float32)
+  if kind == "sigmoid":
+    return nn.sigmoid(h)
+  if kind == "none":
+    return h
+  raise ValueError(f"config.output_activation must be 'none' or 'sigmoid', got {kind!r}")
+
+
 class Encoder(nn.Module):
   """E: five 4x4 stride-2 convs, each conv -> norm -> leaky ReLU.
 
@@ -105,9 +115,4 @@ class Decoder(nn.Module):
       h = nn.leaky_relu(h, 0.2)
     h = Conv(self.out_channels, (3, 3), padding="SAME", impl=self.conv_impl, dtype=self.dtype,
              name="out")(h)
-    h = h.astype(jnp.float32)
-    if self.output_activation == "sigmoid":
-      return nn.sigmoid(h)
-    if self.output_activation == "none":
-      return h
-    raise ValueError(f"config.output_activation must be 'none' or 'sigmoid', got {self.output_activation!r}")
+    return output_activation(h, self.output_activation)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from sils_jax.models.conv import Conv
+from sils_jax.models.unet import output_activation
 
 # (block, convolutions per block) of VGG-19; pools after blocks 1-4.
 BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
@@ -152,9 +153,4 @@ class ContextDecoder(nn.Module):
                        name=f"context{i}_norm")(h)
       h = nn.leaky_relu(h, 0.2)
     h = Conv(self.out_channels, (1, 1), impl=self.conv_impl, dtype=self.dtype, name="out")(h)
-    h = h.astype(jnp.float32)
-    if self.output_activation == "sigmoid":
-      return nn.sigmoid(h)
-    if self.output_activation == "none":
-      return h
-    raise ValueError(f"config.output_activation must be 'none' or 'sigmoid', got {self.output_activation!r}")
+    return output_activation(h, self.output_activation)

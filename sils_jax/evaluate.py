@@ -53,6 +53,9 @@ def evaluate(separator, *, num_images: int | None = None, batch_size: int = 50,
   """
   data = separator.test_data(num_images)
   x, true, mask = data["x"], data["layers"], data.get("mask")  # masks (MIT): LMSE only
+  if len(x) == 0:
+    raise ValueError(f"dataset {separator.config.dataset!r} of this run has no test triplets to score "
+                     "(image_folders: retrain with config.test_folder naming a folder of triplets)")
   names = separator.layer_names
   preds, start = [], time.time()
   for i in range(0, len(x), batch_size):
@@ -113,10 +116,10 @@ def main(argv):
   from sils_jax.inference import Separator
   try:
     separator = Separator.from_workdir(FLAGS.workdir, FLAGS.checkpoint_step)
-  except (FileNotFoundError, ValueError) as e:
+    result, examples = evaluate(separator, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size,
+                                num_examples=FLAGS.num_examples)
+  except (FileNotFoundError, ValueError) as e:  # no run, no checkpoint, no test data (DataError too)
     sys.exit(f"error: {e}")
-  result, examples = evaluate(separator, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size,
-                              num_examples=FLAGS.num_examples)
   out_dir = os.path.join(FLAGS.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   if examples is not None:

@@ -25,8 +25,9 @@ CASES = {
 }
 
 
-def _train(tmp_path, name: str, extra=()) -> str:
-  make_tree, _, flags = CASES[name]
+def _train(tmp_path, name: str, extra=(), flags=None) -> str:
+  make_tree, _, case_flags = CASES[name]
+  flags = case_flags if flags is None else flags
   manual_dir = make_tree(tmp_path / "raw")
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "sils_jax.main", f"--config=configs/{name}.py:tiny", f"--workdir={workdir}",
@@ -75,6 +76,17 @@ def test_tiny_config_trains_through_main(tmp_path, name):
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(init.params["G0"]), jax.tree.leaves(sep._params["G0"]))]
     assert max(moved) > 0
+
+
+def test_image_folders_without_test_triplets_train_and_say_so(tmp_path):
+  workdir = _train(tmp_path, "image_folders", flags=[])  # no --config.test_folder
+  assert "no test triplets" in (tmp_path / "log.txt").read_text()
+  assert os.listdir(os.path.join(workdir, "samples"))  # grids of training inputs and their layers
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
+  from sils_jax.evaluate import evaluate
+  from sils_jax.inference import Separator
+  with pytest.raises(ValueError, match="no test triplets"):
+    evaluate(Separator.from_workdir(workdir))
 
 
 def test_bad_data_directory_is_a_clear_error(tmp_path):

@@ -159,9 +159,10 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
   del g_state, d_state
   evaluator = Evaluator(config, data)
   lr_fn = learning_rate_fn(config)
-  logging.info("baselines on %d test images, MSE x100: %s", len(evaluator.test["x"]),
-               json.dumps(evaluator.baselines))
-  if lead:
+  if evaluator.test is not None:
+    logging.info("baselines on %d test images, MSE x100: %s", len(evaluator.test["x"]),
+                 json.dumps(evaluator.baselines))
+  if lead and evaluator.test is not None:
     with open(os.path.join(workdir, "baselines.json"), "w") as f:
       json.dump(evaluator.baselines, f, indent=2)
 

@@ -91,8 +91,8 @@ def _frozen_labels(params) -> Any:
 
 
 def make_generator_optimizer(config) -> optax.GradientTransformation:
-  """Adam for G; with config.freeze_encoder the encoders' updates are zero (XLA then
-  drops the computation of their weight gradients)."""
+  """Adam for G; with config.freeze_encoder the encoders' updates are zero (their
+  gradients are still computed: the reported gradient norm includes them)."""
   adam = make_optimizer(config)
   if not config.get("freeze_encoder", False):
     return adam

@@ -16,16 +16,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from real_images import make_tiny, real_image_config  # noqa: E402
+from real_images import real_image_config  # noqa: E402
 
 
 def get_config(variant=None):
-  c = real_image_config()
+  c = real_image_config(variant)
   c.dataset = "mit_intrinsic"
   c.layer_names = ("albedo", "shading")
   c.blend_mode = "multiplicative"  # x = albedo x shading
-  if variant == "tiny":
-    make_tiny(c)
-  elif variant not in (None, ""):
-    raise ValueError(f"unknown config variant {variant!r}: expected '' or 'tiny'")
   return c

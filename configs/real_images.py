@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic import get_config as _synthetic  # noqa: E402
 
 
-def real_image_config() -> ml_collections.ConfigDict:
+def real_image_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  """The shared settings; variant 'tiny' applies ``make_tiny`` ('' or None: the paper's)."""
   c = _synthetic()
   c.generator = "vgg"  # Sec. 4: VGG-19 encoders, dilated context decoders
   c.decoder_features = (256, 128, 64, 64)  # the 4 decoder blocks' filters (not stated in the paper)
@@ -27,6 +28,10 @@ def real_image_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 4
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
+  if variant == "tiny":
+    make_tiny(c)
+  elif variant not in (None, ""):
+    raise ValueError(f"unknown config variant {variant!r}: expected '' or 'tiny'")
   return c
 
 

@@ -37,14 +37,14 @@ def make_dataset(config):
   from sils_jax.data import builders, pipeline
   options = dataset_options(config)
   data_dir = config.get("data_dir", "") or os.path.expanduser("~/tensorflow_datasets")
-  if jax.process_count() > 1:  # process 0 builds, the others then read the finished build
+  # process 0 builds; the others then read the finished build
+  lead = jax.process_index() == 0
+  if lead:
+    builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
+  if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    if jax.process_index() == 0:
-      builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
     multihost_utils.sync_global_devices("sils_jax dataset prepared")
-    if jax.process_index() != 0:
-      builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
-  else:
+  if not lead:
     builder = builders.prepare(config.dataset, data_dir=data_dir, **options)
   names, mode = builders.builder_layer_names(builder), builders.builder_blend_mode(builder)
   if len(names) != len(config.layer_names):

@@ -2,13 +2,20 @@
 conv_impl xla vs matmul (sils_jax/models/conv.py), at 128/64 px and batch 1/8.
 
   python benchmarks/conv_sweep.py > benchmarks/results/cpu_conv_sweep.jsonl
+  python benchmarks/conv_sweep.py --pieces --batch=8 > benchmarks/results/cpu_conv_pieces.jsonl
 
 One JSON line per layer: kind (enc, sub = sub-pixel up-conv, out, d = discriminator),
 input size h, channels, output positions M, ms for each form and their ratio
 (xla / matmul: > 1 means the matrix form is faster). The rule of conv_impl=auto was
 read off these lines (2-core CPU, 2026-11-27: results/cpu_conv_sweep_2026-11-27.jsonl).
+
+``--pieces``: at 128 px and ``--batch``, the forward, the input gradient (dx) and the
+weight gradient (dw) timed apart for each form, with the up-convs in the 'phases' form
+(a 2x2 'VALID' conv of the 1-padded input to 4F channels;
+results/cpu_conv_pieces_2026-11-27.jsonl).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -52,7 +59,49 @@ def layers(size):
   return out
 
 
+def timed(fn, *args, n=5):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return round(float(np.median(times)) * 1e3, 2)
+
+
+def phase_layers(size):
+  """Like layers(), with the up-convs as the 'phases' form runs them: 2x2 VALID convs of
+  the 1-padded input to 4F channels. (kind, input size, Cin, Cout, kernel, stride, padding)."""
+  out = [l + ("SAME",) for l in layers(size) if l[0] != "sub"]
+  h = size // 32
+  for cin, f in [(256, 128), (256, 64), (128, 32), (64, 16), (32, 16)]:
+    out.insert(-5, ("up", h + 2, cin, 4 * f, 2, 1, "VALID"))
+    h *= 2
+  return out
+
+
+def pieces(batch):
+  rng = np.random.default_rng(0)
+  for kind, h, cin, cout, k, s, pad in phase_layers(128):
+    x = jnp.asarray(rng.random((batch, h, h, cin)), jnp.float32)
+    w = jnp.asarray(rng.random((k, k, cin, cout)) * 0.1, jnp.float32)
+    row = dict(S=128, B=batch, kind=kind, h=h, cin=cin, cout=cout, k=k)
+    for impl in ("xla", "matmul"):
+      f = lambda x, w, impl=impl: conv2d(x, w, (s, s), pad, impl)
+      dy = jnp.asarray(rng.random(jax.eval_shape(f, x, w).shape), jnp.float32)
+      row["fwd_" + impl] = timed(jax.jit(f), x, w)
+      row["dx_" + impl] = timed(jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0]), x, w, dy)
+      row["dw_" + impl] = timed(jax.jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0]), x, w, dy)
+    print(json.dumps(row), flush=True)
+
+
 def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--pieces", action="store_true", help="forward, dx and dw apart, 128 px, phases up-convs")
+  p.add_argument("--batch", type=int, default=8)
+  args = p.parse_args()
+  if args.pieces:
+    return pieces(args.batch)
   rng = np.random.default_rng(0)
   for size, batch in [(128, 1), (128, 8), (64, 1), (64, 8)]:
     for kind, h, cin, cout, k, s in layers(size):

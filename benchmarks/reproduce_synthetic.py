@@ -9,6 +9,8 @@ Experiments (each a `python -m sils_jax.main` run, then `python -m sils_jax.eval
   no_cc       Fig. 3c ablation: λ4 = λ5 = λ6 = 0 (no cycle consistency)
   supervised  the upper bound: the same generator, L1 on paired training triplets
   ratio_R     Fig. 3b bottom: (λ1 + λ2) / λ3 = R with λ3 = 1, e.g. ratio_0.1, ratio_10
+  w_A_B       Fig. 4: w1 = A, w2 = B in eq. (9), with λ4 = λ5 = λ6 = 1 so that w2 is the whole
+              cycle weight (the paper's best, w_1_10, is the same objective as full)
 `--seeds` repeats every experiment per seed. `--three_layers` uses the Sec. 5.4 config
 (square, circle, triangle). `--quick` uses the 64x64 quick config (a CPU-sized study,
 not the paper's setting). Runs that exist are resumed, finished ones reused, so the
@@ -45,7 +47,15 @@ def overrides(name: str, num_layers: int) -> list[str]:
     r = float(name.split("_", 1)[1])
     each = "(" + ",".join([repr(r / num_layers)] * num_layers) + ")"
     return [f"--config.lambda_intra={each}", "--config.lambda_inter=1.0"]
-  raise SystemExit(f"unknown experiment {name!r}: full, no_ss, no_cc, supervised or ratio_R")
+  if name.startswith("w_"):
+    try:
+      w1, w2 = (float(v) for v in name.split("_")[1:])
+    except ValueError:
+      raise SystemExit(f"experiment {name!r}: expected w_<w1>_<w2>, e.g. w_1_10") from None
+    ones = "(" + ",".join(["1.0"] * num_layers) + ")"
+    return [f"--config.w1={w1!r}", f"--config.w2={w2!r}", "--config.lambda_cycle_x=1.0",
+            f"--config.lambda_cycle_layers={ones}"]
+  raise SystemExit(f"unknown experiment {name!r}: full, no_ss, no_cc, supervised, ratio_R or w_A_B")
 
 
 def run(name: str, seed: int, args) -> dict:

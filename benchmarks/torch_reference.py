@@ -125,7 +125,7 @@ class HParams:
   @classmethod
   def from_jax_config(cls, c) -> "HParams":
     """From a sils_jax ml_collections config (``--check``); only what this peer supports."""
-    unsupported = {"norm": (c.norm, "batch"), "upsample": (c.upsample, ("subpixel", "transpose")),
+    unsupported = {"norm": (c.norm, "batch"), "upsample": (c.upsample, ("auto", "subpixel", "phases", "transpose")),
                    "output_activation": (c.output_activation, "none"), "gan_loss": (c.gan_loss, "nsgan"),
                    "ss_mode": (c.ss_mode, "elementwise"), "lr_schedule": (c.lr_schedule, "constant"),
                    "compute_dtype": (c.get("compute_dtype", "float32"), "float32"),

@@ -49,10 +49,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.encoder_features = (16, 32, 64, 128, 256)  # E: five 4x4 stride-2 convs (Sec. 4)
   c.decoder_features = (128, 64, 32, 16, 16)  # G: the encoder's layers reversed, then a 3-channel conv
   c.norm = "batch"  # Sec. 4: batch normalisation after every conv ('batch', 'instance', 'none')
-  # 4x4 stride-2 up-conv, three forms of the same maths and parameters: 'subpixel'
-  # (3x3 conv + depth-to-space; fastest measured on CPU), 'phases' (exact
-  # FLOPs, four 2x2 products), 'transpose' (flax ConvTranspose; slow weight gradient on CPU)
-  c.upsample = "subpixel"
+  # 4x4 stride-2 up-conv, forms of the same maths and parameters (models/upsample.py):
+  # 'phases' (2x2 conv to 4F channels, the transposed conv's exact FLOPs; fastest on
+  # CPU), 'subpixel' (3x3 conv to 4F channels + depth-to-space, 9/4 of the FLOPs; the
+  # form measured on GPU), 'transpose' (flax ConvTranspose; slow weight gradient on
+  # CPU) or 'auto' (phases on CPU, subpixel elsewhere). Not an architecture field: a
+  # run may resume with another form.
+  c.upsample = "auto"
   c.output_activation = "none"  # 'none' (authors' code) or 'sigmoid'
   c.disc_branches = 1  # Sec. 4: 1 branch for synthetic data, 3 for real images
   c.disc_features = (32, 64, 128, 32)  # Sec. 4: each branch has 4 convs, 4x4, stride 2

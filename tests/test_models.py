@@ -19,9 +19,10 @@ from sils_jax.models.upsample import SubpixelConvTranspose, upsample_conv
 
 
 @pytest.mark.parametrize("form", ["subpixel", "phases"])
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
 @pytest.mark.parametrize("shape,features", [((2, 5, 7, 3), 4), ((1, 8, 8, 16), 8), ((3, 1, 2, 2), 1)])
-def test_upsample_forms_equal_conv_transpose(form, shape, features):
-  module = functools.partial(SubpixelConvTranspose, form=form)
+def test_upsample_forms_equal_conv_transpose(form, conv_impl, shape, features):
+  module = functools.partial(SubpixelConvTranspose, form=form, conv_impl=conv_impl)
   x = jax.random.normal(jax.random.key(0, impl="rbg"), shape)
   ref = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME")
   params = ref.init(jax.random.key(1, impl="rbg"), x)
@@ -36,6 +37,15 @@ def test_upsample_forms_equal_conv_transpose(form, shape, features):
   g_sub = jax.grad(lambda p: jnp.sum(module(features).apply(p, x) ** 2))(params)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_sub)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_upsample_auto_is_phases_on_cpu_and_keeps_parameters():
+  x = jax.random.normal(jax.random.key(0, impl="rbg"), (2, 4, 6, 5))
+  auto, sub = upsample_conv(3, "auto"), upsample_conv(3, "subpixel")
+  params = sub.init(jax.random.key(1, impl="rbg"), x)
+  assert jax.tree.map(jnp.shape, auto.init(jax.random.key(1, impl="rbg"), x)) == jax.tree.map(jnp.shape, params)
+  assert jax.default_backend() == "cpu" and auto.form == "phases"
+  np.testing.assert_allclose(auto.apply(params, x), sub.apply(params, x), atol=1e-5, rtol=1e-5)
 
 
 def test_upsample_conv_rejects_unknown_impl():

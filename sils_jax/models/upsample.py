@@ -1,20 +1,27 @@
-"""4x4 stride-2 transposed convolution in sub-pixel form.
+"""4x4 stride-2 transposed convolution, in forms that XLA runs fast.
 
 A ``nn.ConvTranspose(F, (4, 4), strides=(2, 2), padding='SAME')`` maps an HxW
 input to 2Hx2W. Each of the four output phases (row parity, column parity) only
-sees a 2x2 subset of the 4x4 taps, applied to a 3x3 neighbourhood of the input.
-So the same operator is a stride-1 3x3 convolution to 4F channels (one group of F
-per phase, with the taps a phase does not use held at zero) followed by
-depth-to-space. The parameters keep the ``ConvTranspose`` layout (``kernel``
-4x4xCinxF, ``bias`` F): the two forms are interchangeable on the same weights,
-which ``tests/test_models.py`` checks.
+sees a 2x2 subset of the 4x4 taps. Two rewrites as plain stride-1 convolutions:
 
-Why: on XLA:CPU the weight gradient of ``ConvTranspose`` is 10-20x slower than a
-plain convolution's (see ``../shared/STYLE.md``); the sub-pixel form runs at the
-speed of a normal conv on every backend.
+- 'subpixel': a 3x3 convolution to 4F channels (one group of F per phase, the taps a
+  phase does not use held at zero), then depth-to-space. 9/4 of the FLOPs.
+- 'phases': a 2x2 'VALID' convolution of the input padded by 1, to 4F channels, then
+  each phase's window grid, interleaved (``phase_conv_transpose``). Exactly the
+  transposed conv's FLOPs, and a patch matrix of 4 slices instead of 9.
+- 'auto': 'phases' on CPU, where it measured 1.75x faster than 'subpixel' forward +
+  backward over the decoder (``benchmarks/README.md``), 'subpixel' elsewhere (the
+  form the GPU numbers were measured with).
+
+The parameters keep the ``ConvTranspose`` layout (``kernel`` 4x4xCinxF, ``bias`` F):
+every form, and flax's ``ConvTranspose`` ('transpose'), is interchangeable on the
+same weights, which ``tests/test_models.py`` checks.
+
+Why not ConvTranspose itself: on XLA:CPU its weight gradient is 10-20x slower than a
+plain convolution's (see ``../shared/STYLE.md``).
 
 Mixed precision: the kernel is a ``param_dtype`` (float32) parameter, mapped to the
-sub-pixel layout in that dtype; only the mapped kernel and the input are cast to
+conv layout in that dtype; only the mapped kernel and the input are cast to
 ``dtype`` for the convolution.
 """
 
@@ -29,7 +36,7 @@ import numpy as np
 
 from sils_jax.models.conv import conv2d
 
-UPSAMPLE_IMPLS = ("subpixel", "phases", "transpose")
+UPSAMPLE_IMPLS = ("auto", "subpixel", "phases", "transpose")
 
 # For a 1-D transposed conv with kernel 4, stride 2 and lax 'SAME' padding
 # (pad 2 on both sides of the dilated input), output o = 2m + p receives
@@ -65,7 +72,8 @@ class SubpixelConvTranspose(nn.Module):
   """Equivalent of ``nn.ConvTranspose(features, (4, 4), (2, 2), 'SAME')``, same parameters.
 
   ``form='subpixel'``: a 3x3 conv to 4F channels, then depth-to-space (module docstring).
-  ``form='phases'``: ``phase_matmul_conv_transpose``, the exact FLOPs of the transposed conv.
+  ``form='phases'``: ``phase_conv_transpose``, a 2x2 conv to 4F channels with the exact
+  FLOPs of the transposed conv.
   """
 
   features: int
@@ -86,7 +94,7 @@ class SubpixelConvTranspose(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
             if self.use_bias else None)
     if self.form == "phases":
-      y = phase_matmul_conv_transpose(x.astype(dtype), kernel.astype(dtype))
+      y = phase_conv_transpose(x.astype(dtype), kernel.astype(dtype), self.conv_impl)
       return y if bias is None else y + bias
     w = subpixel_kernel(kernel).astype(dtype)  # map in param_dtype, then cast
     y = conv2d(x.astype(dtype), w, (1, 1), "SAME", self.conv_impl)
@@ -100,32 +108,57 @@ class SubpixelConvTranspose(nn.Module):
 _PHASE_TAPS = tuple(np.array([t for t in _TAP[:, p] if t != 4]) for p in range(2))
 
 
-def phase_matmul_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """``ConvTranspose(F, (4, 4), (2, 2), 'SAME')`` with exactly its FLOPs: for each of the
-  four output phases, the 2x2 input neighbourhood it reads (4 shifted slices of the
-  input, concatenated) times that phase's 2x2 taps, (4 Cin, F). The sub-pixel form
-  multiplies by 9 taps per phase instead of 4 (2.25x the work)."""
-  b, h, w, cin = x.shape
+def phase_kernel(kernel: jax.Array) -> jax.Array:
+  """Maps a (4, 4, Cin, F) transposed-conv kernel to a (2, 2, Cin, 4F) conv kernel:
+  window tap (a, c) of output phase (py, px), channel order (py, px, F)."""
+  kh, kw, cin, feat = kernel.shape
+  if (kh, kw) != (4, 4):
+    raise ValueError(f"phase_kernel expects a 4x4 kernel, got {kernel.shape}")
+  rows = jnp.stack([jnp.stack(_PHASE_TAPS)[:, a] for a in range(2)])  # (a, py) -> tap
+  taps = kernel[rows][:, :, rows]  # (a, py, c, px, Cin, F)
+  return jnp.transpose(taps, (0, 2, 4, 1, 3, 5)).reshape(2, 2, cin, 4 * feat)
+
+
+def phase_conv_transpose(x: jax.Array, kernel: jax.Array, conv_impl: str = "auto") -> jax.Array:
+  """``ConvTranspose(F, (4, 4), (2, 2), 'SAME')`` with exactly its FLOPs.
+
+  Output phase (py, px) at input position (m, n) reads the 2x2 input window starting
+  at (m + py - 1, n + px - 1) with that phase's 2x2 taps. So one 2x2 'VALID' conv of
+  the input padded by 1, to 4F channels (every phase's taps), gives every phase at
+  every window position, (H + 1) x (W + 1); phase (py, px) is its window grid shifted
+  by (py, px), and the four interleave to 2H x 2W. One patch matrix of 4 slices
+  serves all four phases: 16 Cin F multiply-adds per input position, as the
+  transposed conv, against 36 Cin F for the sub-pixel form's 3x3 conv.
+  """
+  b, h, w, _ = x.shape
   feat = kernel.shape[-1]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  phases = []
-  for py in range(2):
-    for px in range(2):
-      cols = [xp[:, py + a:py + a + h, px + c:px + c + w, :] for a in range(2) for c in range(2)]
-      taps = kernel[_PHASE_TAPS[py]][:, _PHASE_TAPS[px]]  # (2, 2, Cin, F)
-      phases.append(jnp.concatenate(cols, axis=-1) @ taps.reshape(4 * cin, feat))
-  return depth_to_space(jnp.concatenate(phases, axis=-1), feat)
+  z = conv2d(xp, phase_kernel(kernel), (1, 1), "VALID", conv_impl).reshape(b, h + 1, w + 1, 2, 2, feat)
+  rows = [jnp.stack([z[:, py:py + h, px:px + w, py, px] for px in range(2)], axis=3) for py in range(2)]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, feat)  # (b, h, py, w, px, F)
+
+
+def resolve_upsample(impl: str) -> str:
+  """'auto': 'phases' on the CPU backend (the fastest form there, benchmarks/README.md),
+  'subpixel' on every other backend (the form measured on GPU)."""
+  if impl not in UPSAMPLE_IMPLS:
+    raise ValueError(f"config.upsample must be one of {UPSAMPLE_IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  return "phases" if jax.default_backend() == "cpu" else "subpixel"
 
 
 def upsample_conv(features: int, impl: str, *, use_bias: bool = True, dtype: Any = None,
                   conv_impl: str = "auto", name: str | None = None) -> nn.Module:
   """A 4x4 stride-2 upsampling conv, ``impl`` in UPSAMPLE_IMPLS (same maths, same parameters)."""
+  impl = resolve_upsample(impl)
   if impl == "subpixel":
     return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, conv_impl=conv_impl,
                                  name=name)
   if impl == "phases":
-    return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, form="phases", name=name)
+    return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, conv_impl=conv_impl,
+                                 form="phases", name=name)
   if impl == "transpose":
     return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=use_bias,
                             dtype=dtype, name=name)
-  raise ValueError(f"config.upsample must be one of {UPSAMPLE_IMPLS}, got {impl!r}")
+  raise AssertionError(impl)  # resolve_upsample rejected anything else

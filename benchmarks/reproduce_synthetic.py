@@ -11,7 +11,9 @@ Experiments (each a `python -m sils_jax.main` run, then `python -m sils_jax.eval
   ratio_R     Fig. 3b bottom: (λ1 + λ2) / λ3 = R with λ3 = 1, e.g. ratio_0.1, ratio_10
   w_A_B       Fig. 4: w1 = A, w2 = B in eq. (9), with λ4 = λ5 = λ6 = 1 so that w2 is the whole
               cycle weight (the paper's best, w_1_10, is the same objective as full)
-`--seeds` repeats every experiment per seed. `--three_layers` uses the Sec. 5.4 config
+`--seeds` repeats every experiment per seed. `--set=field=value,...` adds config overrides
+to every run (e.g. --set=norm=none); their run directories get `--tag` (default: the
+overrides) in their names, so they never mix with the runs without them. `--three_layers` uses the Sec. 5.4 config
 (square, circle, triangle). `--quick` uses the 64x64 quick config (a CPU-sized study,
 not the paper's setting). Runs that exist are resumed, finished ones reused, so the
 command can be re-run after an interruption. Writes WORKDIR/results.md and
@@ -62,9 +64,11 @@ def run(name: str, seed: int, args) -> dict:
   variant = "_".join(v for v, on in (("three_layers", args.three_layers), ("quick", args.quick)) if on)
   config = "configs/synthetic.py" + (f":{variant}" if variant else "")
   num_layers = 3 if args.three_layers else 2
-  workdir = os.path.join(args.workdir, f"{name}_seed{seed}")
+  extra = [f"--config.{kv}" for kv in args.set.split(",") if kv]
+  tag = args.tag or "_".join(kv.replace("=", "-") for kv in args.set.split(",") if kv)
+  workdir = os.path.join(args.workdir, f"{name}{'_' + tag if tag else ''}_seed{seed}")
   metrics_path = os.path.join(workdir, "eval", "metrics.json")
-  flags = [f"--config={config}", f"--workdir={workdir}", f"--config.seed={seed}"] + overrides(name, num_layers)
+  flags = [f"--config={config}", f"--workdir={workdir}", f"--config.seed={seed}"] + overrides(name, num_layers) + extra
   if args.steps:
     flags.append(f"--config.num_train_steps={args.steps}")
   steps = args.steps
@@ -129,11 +133,14 @@ def main():
   p.add_argument("--steps", type=int, default=0, help="training steps (default: the config's)")
   p.add_argument("--experiments", default="full,no_ss,no_cc,supervised")
   p.add_argument("--seeds", default="0")
+  p.add_argument("--set", default="", help="extra config overrides for every run: field=value,...")
+  p.add_argument("--tag", default="", help="run-directory suffix for --set runs (default: from --set)")
   args = p.parse_args()
   results = {}
   for name in args.experiments.split(","):
     for seed in (int(s) for s in args.seeds.split(",")):
-      results.setdefault(name, []).append(run(name, seed, args))
+      label = name + (f" ({args.set})" if args.set else "")
+      results.setdefault(label, []).append(run(name, seed, args))
       md = table(results)
       with open(os.path.join(args.workdir, "results.md"), "w") as f:
         f.write(md + "\n")

@@ -142,27 +142,36 @@ def train_step(g_state, d_state, batch, cfg: LossConfig):
         g_state.params, g_state, d_state.params, d_state.apply_fn, batch, cfg)
   g_grads = jax.lax.pmean(g_grads, AXIS)
   new_stats = jax.lax.pmean(new_stats, AXIS)
-  new_g = g_state.apply_gradients(grads=g_grads, batch_stats=new_stats)
   metrics = {**g_metrics, "g_grad_norm": _global_norm(g_grads)}
 
-  new_d = d_state
+  d_grads = None
   if not supervised:
+    # The discriminator's gradient uses the pre-update generator's layers, so it does
+    # not depend on the generator update; both updates are applied together below.
     fakes = jax.lax.stop_gradient(preds)
     (_, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
         d_state.params, d_state.apply_fn, batch["layers"], fakes, cfg)
     d_grads = jax.lax.pmean(d_grads, AXIS)
-    new_d = d_state.apply_gradients(grads=d_grads)
     metrics.update(d_metrics, d_grad_norm=_global_norm(d_grads))
 
   metrics = jax.lax.pmean(metrics, AXIS)
   # NaN/inf guard: every loss term and both gradient norms (a non-finite gradient
   # makes its norm non-finite) are checked here, on device, for the price of a few
   # scalar compares. A bad step leaves both states as they were, so nothing
-  # non-finite can reach a checkpoint; the loop reads `finite` and stops.
+  # non-finite can reach a checkpoint; the loop reads `finite` and stops. A `cond`
+  # rather than a `where` over every parameter: the updates are written straight into
+  # the (donated) state buffers, with no copy of the old states kept for the select
+  # (at 128x128, batch 1 on CPU the select and those copies took ~40 ms of ~240).
   finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+  def update(states):
+    g, d = states
+    g = g.apply_gradients(grads=g_grads, batch_stats=new_stats)
+    return g, (d if d_grads is None else d.apply_gradients(grads=d_grads))
+
+  new_g, new_d = jax.lax.cond(finite, update, lambda states: states, (g_state, d_state))
   metrics["finite"] = finite.astype(jnp.float32)
-  return keep(new_g, g_state), keep(new_d, d_state), metrics
+  return new_g, new_d, metrics
 
 
 def predict(model, params, batch_stats, x: jax.Array, *, norm_stats: str, method: str = "__call__"):

@@ -48,6 +48,21 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
   assert m["d_total"] == pytest.approx(c.lambda0 * m["gan_d"] + c.gp_weight * m["r1"], rel=1e-5)
 
 
+def test_non_finite_step_leaves_both_states_exactly_as_they_were():
+  config = tiny_config()
+  g, d = create_states(config, init_key(config.seed))
+  step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(config)), axis_name=AXIS)
+  batch = loop.make_dataset(config).train_batch(0, config.per_device_batch_size)
+  batch = dict(batch, x=np.full_like(batch["x"], np.inf))
+  g1, d1, m = step(replicate(g), replicate(d), shard(batch))
+  assert float(unreplicate(m)["finite"]) == 0.0
+  for before, after in ((g, unreplicate(g1)), (d, unreplicate(d1))):
+    assert int(after.step) == int(before.step)
+    for a, b in zip(jax.tree.leaves((before.params, before.opt_state)), jax.tree.leaves((after.params, after.opt_state))):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(jax.tree.leaves(g.batch_stats)[0], jax.tree.leaves(unreplicate(g1).batch_stats)[0])
+
+
 def test_supervised_upper_bound_fits_the_paired_layers():
   c = tiny_config()
   c.objective = "supervised"

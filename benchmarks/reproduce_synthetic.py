@@ -11,13 +11,15 @@ Experiments (each a `python -m sils_jax.main` run, then `python -m sils_jax.eval
   ratio_R     Fig. 3b bottom: (λ1 + λ2) / λ3 = R with λ3 = 1, e.g. ratio_0.1, ratio_10
   w_A_B       Fig. 4: w1 = A, w2 = B in eq. (9), with λ4 = λ5 = λ6 = 1 so that w2 is the whole
               cycle weight (the paper's best, w_1_10, is the same objective as full)
-`--seeds` repeats every experiment per seed. `--set=field=value,...` adds config overrides
-to every run (e.g. --set=norm=none); their run directories get `--tag` (default: the
-overrides) in their names, so they never mix with the runs without them. `--three_layers` uses the Sec. 5.4 config
+`--seeds` repeats every experiment per seed. `--set=field=value` (repeatable) adds config
+overrides to every run (e.g. --set=norm=none --set='ss_levels=(1,2,3,4)'); their run
+directories get `--tag` (default: made from the overrides) in their names, so they never
+mix with the runs without them. `--three_layers` uses the Sec. 5.4 config
 (square, circle, triangle). `--quick` uses the 64x64 quick config (a CPU-sized study,
 not the paper's setting). Runs that exist are resumed, finished ones reused, so the
 command can be re-run after an interruption. Writes WORKDIR/results.md and
-WORKDIR/results.json: test MSE x100 per layer on the config's test set (1000 images at
+WORKDIR/results.json (of this command's runs; `--summary` tabulates every finished run in
+WORKDIR instead, training nothing): test MSE x100 per layer on the config's test set (1000 images at
 paper settings), next to the x/N and zero baselines on the same images.
 """
 
@@ -64,8 +66,9 @@ def run(name: str, seed: int, args) -> dict:
   variant = "_".join(v for v, on in (("three_layers", args.three_layers), ("quick", args.quick)) if on)
   config = "configs/synthetic.py" + (f":{variant}" if variant else "")
   num_layers = 3 if args.three_layers else 2
-  extra = [f"--config.{kv}" for kv in args.set.split(",") if kv]
-  tag = args.tag or "_".join(kv.replace("=", "-") for kv in args.set.split(",") if kv)
+  extra = [f"--config.{kv}" for kv in args.set]
+  tag = args.tag or "_".join("".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in kv).strip("-")
+                             for kv in args.set)
   workdir = os.path.join(args.workdir, f"{name}{'_' + tag if tag else ''}_seed{seed}")
   metrics_path = os.path.join(workdir, "eval", "metrics.json")
   flags = [f"--config={config}", f"--workdir={workdir}", f"--config.seed={seed}"] + overrides(name, num_layers) + extra
@@ -125,6 +128,29 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def collect(workdir: str) -> dict:
+  """Every finished run under WORKDIR (RUN_seedS/eval/metrics.json), grouped by RUN."""
+  import glob
+  import re
+  results = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "*_seed*", "eval", "metrics.json"))):
+    run_name = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    with open(path) as f:
+      results.setdefault(re.sub(r"_seed\d+$", "", run_name), []).append(json.load(f))
+  if not results:
+    raise SystemExit(f"no finished runs (RUN_seedS/eval/metrics.json) under {workdir}")
+  return results
+
+
+def write(workdir: str, results: dict) -> str:
+  md = table(results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(md + "\n")
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return md
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
@@ -133,19 +159,20 @@ def main():
   p.add_argument("--steps", type=int, default=0, help="training steps (default: the config's)")
   p.add_argument("--experiments", default="full,no_ss,no_cc,supervised")
   p.add_argument("--seeds", default="0")
-  p.add_argument("--set", default="", help="extra config overrides for every run: field=value,...")
+  p.add_argument("--set", action="append", default=[], help="extra config override for every run: field=value")
   p.add_argument("--tag", default="", help="run-directory suffix for --set runs (default: from --set)")
+  p.add_argument("--summary", action="store_true",
+                 help="train nothing: tabulate every finished run under --workdir (all experiments, seeds, --set tags)")
   args = p.parse_args()
+  if args.summary:
+    print(write(args.workdir, collect(args.workdir)))
+    return
   results = {}
   for name in args.experiments.split(","):
     for seed in (int(s) for s in args.seeds.split(",")):
-      label = name + (f" ({args.set})" if args.set else "")
+      label = name + (f" ({', '.join(args.set)})" if args.set else "")
       results.setdefault(label, []).append(run(name, seed, args))
-      md = table(results)
-      with open(os.path.join(args.workdir, "results.md"), "w") as f:
-        f.write(md + "\n")
-      with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+      md = write(args.workdir, results)
   print(md)
 
 

@@ -24,3 +24,34 @@ def test_w_grid_puts_the_whole_cycle_weight_in_w2():
 def test_bad_names_exit_with_a_message(name):
   with pytest.raises(SystemExit, match="experiment|unknown"):
     overrides(name, 2)
+
+
+def _metrics(square, circle):
+  layer = lambda v: {"mse100": v}
+  return {"step": 10, "layers": {"square": layer(square), "circle": layer(circle)},
+          "baselines": {"x_over_n": {"square": layer(0.8), "circle": layer(0.8)},
+                        "zero": {"square": layer(1.2), "circle": layer(2.6)}}}
+
+
+def test_summary_groups_seeds_and_tags_and_reports_mean_and_std(tmp_path):
+  import json
+  import os
+
+  from benchmarks.reproduce_synthetic import collect, write
+  runs = {"full_seed0": (1.0, 2.0), "full_seed1": (3.0, 4.0), "full_norm-none_seed0": (0.5, 0.5)}
+  for name, (sq, ci) in runs.items():
+    os.makedirs(tmp_path / name / "eval")
+    (tmp_path / name / "eval" / "metrics.json").write_text(json.dumps(_metrics(sq, ci)))
+  os.makedirs(tmp_path / "unfinished_seed0")  # no metrics: left out
+  results = collect(str(tmp_path))
+  assert sorted(results) == ["full", "full_norm-none"] and len(results["full"]) == 2
+  md = write(str(tmp_path), results)
+  assert "| full | 2 | 10 | 2.000 ± 1.000 | 3.000 ± 1.000 | 2.500 ± 1.000 |" in md
+  assert "| full_norm-none | 1 | 10 | 0.500 | 0.500 | 0.500 |" in md
+  assert (tmp_path / "results.md").read_text().strip() == md
+
+
+def test_summary_of_an_empty_workdir_says_so(tmp_path):
+  from benchmarks.reproduce_synthetic import collect
+  with pytest.raises(SystemExit, match="no finished runs"):
+    collect(str(tmp_path))

@@ -48,7 +48,11 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
   assert m["d_total"] == pytest.approx(c.lambda0 * m["gan_d"] + c.gp_weight * m["r1"], rel=1e-5)
 
 
-def test_non_finite_step_leaves_both_states_exactly_as_they_were():
+@pytest.mark.parametrize("guard_backend", ["cpu", "gpu"])
+def test_non_finite_step_leaves_both_states_exactly_as_they_were(guard_backend, monkeypatch):
+  # the guard is a lax.cond on CPU and a select elsewhere: check both forms here on CPU
+  import sils_jax.training.step as step_module
+  monkeypatch.setattr(step_module.jax, "default_backend", lambda: guard_backend)
   config = tiny_config()
   g, d = create_states(config, init_key(config.seed))
   step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(config)), axis_name=AXIS)

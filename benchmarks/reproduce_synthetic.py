@@ -26,8 +26,10 @@ paper settings), next to the x/N and zero baselines on the same images.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -130,8 +132,6 @@ def table(results: dict) -> str:
 
 def collect(workdir: str) -> dict:
   """Every finished run under WORKDIR (RUN_seedS/eval/metrics.json), grouped by RUN."""
-  import glob
-  import re
   results = {}
   for path in sorted(glob.glob(os.path.join(workdir, "*_seed*", "eval", "metrics.json"))):
     run_name = os.path.basename(os.path.dirname(os.path.dirname(path)))

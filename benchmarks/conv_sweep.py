@@ -29,16 +29,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sils_jax.models.conv import conv2d  # noqa: E402
 
 
-def bench(impl, x, w, strides, n=10):
-  loss = lambda x, w: jnp.sum(conv2d(x, w, strides, "SAME", impl) ** 2)
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  jax.block_until_ready(grad(x, w))
+def timed(fn, *args, n=5):
+  """Median ms of ``fn(*args)`` over n calls, after one untimed call (compilation)."""
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(n):
     t = time.perf_counter()
-    jax.block_until_ready(grad(x, w))
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
   return float(np.median(times)) * 1e3
+
+
+def bench(impl, x, w, strides, n=10):
+  loss = lambda x, w: jnp.sum(conv2d(x, w, strides, "SAME", impl) ** 2)
+  return timed(jax.jit(jax.grad(loss, argnums=(0, 1))), x, w, n=n)
 
 
 def layers(size):
@@ -57,16 +61,6 @@ def layers(size):
     out.append(("d", h, cin, cout, 4, 2))
     h //= 2
   return out
-
-
-def timed(fn, *args, n=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return round(float(np.median(times)) * 1e3, 2)
 
 
 def phase_layers(size):
@@ -89,9 +83,11 @@ def pieces(batch):
     for impl in ("xla", "matmul"):
       f = lambda x, w, impl=impl: conv2d(x, w, (s, s), pad, impl)
       dy = jnp.asarray(rng.random(jax.eval_shape(f, x, w).shape), jnp.float32)
-      row["fwd_" + impl] = timed(jax.jit(f), x, w)
-      row["dx_" + impl] = timed(jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0]), x, w, dy)
-      row["dw_" + impl] = timed(jax.jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0]), x, w, dy)
+      row["fwd_" + impl] = round(timed(jax.jit(f), x, w), 2)
+      dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0])
+      dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0])
+      row["dx_" + impl] = round(timed(dx, x, w, dy), 2)
+      row["dw_" + impl] = round(timed(dw, x, w, dy), 2)
     print(json.dumps(row), flush=True)
 
 

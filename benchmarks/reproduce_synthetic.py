@@ -64,14 +64,20 @@ def overrides(name: str, num_layers: int) -> list[str]:
   raise SystemExit(f"unknown experiment {name!r}: full, no_ss, no_cc, supervised, ratio_R or w_A_B")
 
 
+def run_name(name: str, args) -> str:
+  """The experiment, tagged with its --set overrides: run directories are RUN_seedS, and
+  the tables (this command's and --summary's) list RUN."""
+  tag = args.tag or "_".join("".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in kv).strip("-")
+                             for kv in args.set)
+  return f"{name}_{tag}" if tag else name
+
+
 def run(name: str, seed: int, args) -> dict:
   variant = "_".join(v for v, on in (("three_layers", args.three_layers), ("quick", args.quick)) if on)
   config = "configs/synthetic.py" + (f":{variant}" if variant else "")
   num_layers = 3 if args.three_layers else 2
   extra = [f"--config.{kv}" for kv in args.set]
-  tag = args.tag or "_".join("".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in kv).strip("-")
-                             for kv in args.set)
-  workdir = os.path.join(args.workdir, f"{name}{'_' + tag if tag else ''}_seed{seed}")
+  workdir = os.path.join(args.workdir, f"{run_name(name, args)}_seed{seed}")
   metrics_path = os.path.join(workdir, "eval", "metrics.json")
   flags = [f"--config={config}", f"--workdir={workdir}", f"--config.seed={seed}"] + overrides(name, num_layers) + extra
   if args.steps:
@@ -134,9 +140,9 @@ def collect(workdir: str) -> dict:
   """Every finished run under WORKDIR (RUN_seedS/eval/metrics.json), grouped by RUN."""
   results = {}
   for path in sorted(glob.glob(os.path.join(workdir, "*_seed*", "eval", "metrics.json"))):
-    run_name = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    run_dir = os.path.basename(os.path.dirname(os.path.dirname(path)))
     with open(path) as f:
-      results.setdefault(re.sub(r"_seed\d+$", "", run_name), []).append(json.load(f))
+      results.setdefault(re.sub(r"_seed\d+$", "", run_dir), []).append(json.load(f))
   if not results:
     raise SystemExit(f"no finished runs (RUN_seedS/eval/metrics.json) under {workdir}")
   return results
@@ -170,8 +176,7 @@ def main():
   results = {}
   for name in args.experiments.split(","):
     for seed in (int(s) for s in args.seeds.split(",")):
-      label = name + (f" ({', '.join(args.set)})" if args.set else "")
-      results.setdefault(label, []).append(run(name, seed, args))
+      results.setdefault(run_name(name, args), []).append(run(name, seed, args))
       md = write(args.workdir, results)
   print(md)
 

@@ -106,6 +106,7 @@ class SubpixelConvTranspose(nn.Module):
 # Phase p of an axis reads input offsets d = p - 1 + a (a in {0, 1}) with taps
 # _PHASE_TAPS[p][a]: the entries of _TAP's column p that are not the zero tap (4).
 _PHASE_TAPS = tuple(np.array([t for t in _TAP[:, p] if t != 4]) for p in range(2))
+_WINDOW_TAPS = np.stack(_PHASE_TAPS).T  # [a, p]: the tap of window offset a for phase p
 
 
 def phase_kernel(kernel: jax.Array) -> jax.Array:
@@ -114,8 +115,7 @@ def phase_kernel(kernel: jax.Array) -> jax.Array:
   kh, kw, cin, feat = kernel.shape
   if (kh, kw) != (4, 4):
     raise ValueError(f"phase_kernel expects a 4x4 kernel, got {kernel.shape}")
-  rows = jnp.stack([jnp.stack(_PHASE_TAPS)[:, a] for a in range(2)])  # (a, py) -> tap
-  taps = kernel[rows][:, :, rows]  # (a, py, c, px, Cin, F)
+  taps = kernel[_WINDOW_TAPS][:, :, _WINDOW_TAPS]  # (a, py, c, px, Cin, F)
   return jnp.transpose(taps, (0, 2, 4, 1, 3, 5)).reshape(2, 2, cin, 4 * feat)
 
 
@@ -152,12 +152,9 @@ def upsample_conv(features: int, impl: str, *, use_bias: bool = True, dtype: Any
                   conv_impl: str = "auto", name: str | None = None) -> nn.Module:
   """A 4x4 stride-2 upsampling conv, ``impl`` in UPSAMPLE_IMPLS (same maths, same parameters)."""
   impl = resolve_upsample(impl)
-  if impl == "subpixel":
+  if impl in ("subpixel", "phases"):
     return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, conv_impl=conv_impl,
-                                 name=name)
-  if impl == "phases":
-    return SubpixelConvTranspose(features, use_bias=use_bias, dtype=dtype, conv_impl=conv_impl,
-                                 form="phases", name=name)
+                                 form=impl, name=name)
   if impl == "transpose":
     return nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=use_bias,
                             dtype=dtype, name=name)

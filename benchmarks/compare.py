@@ -27,19 +27,22 @@ def _run(cmd: list[str]) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-  """One line per (device kind, image size, batch) that has both a JAX and a torch row."""
+  """One line per JAX row (device kind, image size, batch, dtype, config label) that has
+  a torch eager row of the same device kind, size, batch and dtype (torch bfloat16:
+  --autocast=bf16)."""
   def key(r):
     dev = "cpu" if r["device"] in ("cpu", "cpu:cpu") else "gpu"
-    return dev, r["image_size"], r["batch"]
-  jax_rows = {key(r): r for r in rows if r.get("framework") == "jax" and r.get("dtype", "float32") == "float32"}
+    return dev, r["image_size"], r["batch"], r.get("dtype", "float32")
   torch_rows = {key(r): r for r in rows if r.get("framework") == "torch" and r.get("mode") == "eager"
                 and "error" not in r}
   out = []
-  for k in sorted(set(jax_rows) & set(torch_rows)):
-    j, t = jax_rows[k], torch_rows[k]
+  for j in rows:
+    if j.get("framework") != "jax" or key(j) not in torch_rows:
+      continue
+    k, t = key(j), torch_rows[key(j)]
     out.append({"summary": "jax_vs_torch", "device": j["device"], "torch_device": t["device"],
-                "image_size": k[1], "batch": k[2], "jax_img_per_s": j["img_per_s"],
-                "torch_img_per_s": round(t["img_per_s"], 3),
+                "config": j.get("config", ""), "image_size": k[1], "batch": k[2], "dtype": k[3],
+                "jax_img_per_s": j["img_per_s"], "torch_img_per_s": round(t["img_per_s"], 3),
                 "ratio": round(j["img_per_s"] / t["img_per_s"], 3)})
   return out
 

@@ -432,8 +432,12 @@ class Trainer:
   """G, D, their optimizers and ``train_step`` (step.py train_step, one device)."""
 
   def __init__(self, hp: HParams, device: torch.device, *, channels_last: bool = False,
-               compile: bool = False):
+               compile: bool = False, autocast: str = "off"):
     self.hp, self.device = hp, device
+    # 'bf16': the losses' forward passes under torch.autocast(bfloat16), torch's mixed
+    # precision (convs in bf16, reductions and losses in float32, weights float32),
+    # the peer of sils_jax's compute_dtype='bfloat16'. Backward passes run outside it.
+    self.autocast = autocast
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
     self.gen = LayerSeparator(hp).to(device, memory_format=self.memory_format)
     self.disc = LayerDiscriminators(hp).to(device, memory_format=self.memory_format)
@@ -447,6 +451,9 @@ class Trainer:
     self.g_opt = adam(self.gen.parameters(), hp)
     self.d_opt = adam(self.disc.parameters(), hp)
 
+  def _autocast(self):
+    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16")
+
   def prepare(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """{'x': [B, 3, S, S], 'layers': [B, N, 3, S, S]} -> x and the N layer images, on
     device in the trainer's memory format."""
@@ -459,14 +466,16 @@ class Trainer:
     """One generator update with D fixed, then one D update on the generator's fakes."""
     x, layers = self.prepare(batch)
     self.disc.requires_grad_(False)  # D fixed: no D weight gradients in the G update
-    g_total, g_metrics, preds = self.g_loss(x, layers)
+    with self._autocast():
+      g_total, g_metrics, preds = self.g_loss(x, layers)
     self.g_opt.zero_grad(set_to_none=True)
     g_total.backward()
     norms = {"g_grad_norm": grad_norm(self.gen.parameters())} if with_grad_norms else {}
     self.g_opt.step()
     self.disc.requires_grad_(True)
 
-    d_total, d_metrics = discriminator_loss(self.disc, layers, [p.detach() for p in preds], self.hp)
+    with self._autocast():
+      d_total, d_metrics = discriminator_loss(self.disc, layers, [p.detach() for p in preds], self.hp)
     self.d_opt.zero_grad(set_to_none=True)
     d_total.backward()
     if with_grad_norms:
@@ -500,7 +509,7 @@ def benchmark(args) -> dict:
   hp = HParams.synthetic(args.layers, args.image_size, args.upsample)
   channels_last = {"auto": CHANNELS_LAST_AUTO[device.type], "on": True, "off": False}[args.channels_last]
   torch.manual_seed(0)
-  trainer = Trainer(hp, device, channels_last=channels_last, compile=args.compile)
+  trainer = Trainer(hp, device, channels_last=channels_last, compile=args.compile, autocast=args.autocast)
   batch = {k: v.to(device) for k, v in random_batch(hp, args.batch).items()}
 
   def sync():
@@ -523,6 +532,7 @@ def benchmark(args) -> dict:
       "config": "synthetic", "batch": args.batch, "image_size": args.image_size,
       "num_layers": args.layers, "steps": args.steps, "warmup": args.warmup,
       "threads": torch.get_num_threads(), "channels_last": channels_last, "upsample": hp.upsample,
+      "dtype": "bfloat16" if args.autocast == "bf16" else "float32",
       "img_per_s": args.batch / (median / 1e3),
       "ms_per_step": median,
       "ms_per_step_p10": float(np.percentile(timed, 10)),
@@ -687,6 +697,8 @@ def main(argv=None) -> None:
                  help="memory format of activations and weights (auto: the faster one measured)")
   p.add_argument("--upsample", choices=("transpose", "subpixel"), default="transpose",
                  help="up-conv form: torch's ConvTranspose2d, or our JAX default's sub-pixel conv")
+  p.add_argument("--autocast", choices=("off", "bf16"), default="off",
+                 help="bf16: the forward passes under torch.autocast(bfloat16) (mixed precision)")
   p.add_argument("--check", action="store_true", help="compare losses with sils_jax on the same weights")
   args = p.parse_args(argv)
   if args.threads > 0:

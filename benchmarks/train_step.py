@@ -28,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks import trace_ops  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
@@ -37,6 +38,9 @@ flags.DEFINE_integer("steps", 20, "Timed steps (each synchronised, for the media
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_string("dtype", "", "compute_dtype override ('float32' or 'bfloat16').")
 flags.DEFINE_string("name", "", "Label for the 'config' field (default: the config file's name and variant).")
+flags.DEFINE_integer("profile_steps", 0, "After timing, trace this many steps with jax.profiler and add "
+                     "'top_ops' (time per step summed by op / kernel name) to the JSON (0: off).")
+flags.DEFINE_integer("profile_top", 25, "Ops listed in 'top_ops'.")
 
 # Dense peak FLOP/s for MFU. Convolutions in float32 run as TF32 on these GPUs under
 # jax's default matmul precision, so float32 steps are compared with the TF32 peak.
@@ -125,6 +129,19 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
   if not bool(np.all(np.asarray(m["finite"]))):
     raise FloatingPointError(f"non-finite step at batch {batch}, image size {image_size}")
 
+  profile = None
+  if FLAGS.profile_steps > 0:
+    import tempfile
+    with tempfile.TemporaryDirectory() as trace_dir:
+      try:  # a profiler that cannot trace here costs the 'top_ops' field, not the timings
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+          for _ in range(FLAGS.profile_steps):
+            g, d, m = compiled(g, d, dev_batch)
+          jax.block_until_ready((g, d, m))
+        profile = trace_ops.top_ops(trace_dir, FLAGS.profile_steps, FLAGS.profile_top)
+      except Exception as e:  # noqa: BLE001
+        profile = {"error": f"{type(e).__name__}: {e}"[:300]}
+
   ms = np.asarray(times) * 1e3
   med = float(np.median(ms))
   peak, peak_kind = _peak_memory()
@@ -147,6 +164,8 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
     if peak_flops:
       out["mfu"] = round(achieved / (peak_flops * n_dev), 5)
       out["mfu_peak_tflop_per_s"] = peak_flops / 1e12
+  if profile is not None:
+    out["top_ops"] = profile
   return out
 
 

@@ -93,6 +93,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Gradient penalty (Sec. 4 "with gradient penalization"; weight not given):
   # R1 on real layer samples, gamma below. 0 disables it.
   c.gp_weight = 1.0
+  # What R1 differentiates, per image: the 'sum' of D's patch logits, or their 'mean'
+  # (R1 of one scalar output per image; the sum form is (h*w)^2 times stronger per
+  # branch: 256x at 64x64, 4096x at 128x128 for the synthetic D's 8x8 patch map).
+  c.gp_logits = "sum"
 
   # --- optimisation ---------------------------------------------------------
   c.learning_rate = 1e-4  # Sec. 4: Adam, lr 0.0001

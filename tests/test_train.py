@@ -48,6 +48,25 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
   assert m["d_total"] == pytest.approx(c.lambda0 * m["gan_d"] + c.gp_weight * m["r1"], rel=1e-5)
 
 
+def test_r1_of_mean_patch_logits_is_the_sum_form_over_patch_count_squared():
+  # gp_logits='mean' differentiates each image's mean patch logit: exactly the 'sum'
+  # form's gradient over h*w, so R1 is (h*w)^2 smaller (one branch; 32x32 -> 2x2 patches)
+  import dataclasses
+  from sils_jax.training.step import discriminator_loss
+  config = tiny_config()
+  _, d = create_states(config, init_key(config.seed))
+  batch = loop.make_dataset(config).train_batch(0, 2)
+  real, fake = batch["layers"], batch["x"][:, None].repeat(2, 1) / 2
+  cfg = LossConfig.from_config(config)
+  assert cfg.gp_logits == "sum"
+  (h, w) = d.apply_fn({"params": d.params}, real)[0][0].shape[1:3]
+  _, m_sum = discriminator_loss(d.params, d.apply_fn, real, fake, cfg)
+  _, m_mean = discriminator_loss(d.params, d.apply_fn, real, fake, dataclasses.replace(cfg, gp_logits="mean"))
+  assert h * w == 4 and float(m_sum["r1"]) > 0
+  assert float(m_mean["r1"]) == pytest.approx(float(m_sum["r1"]) / (h * w) ** 2, rel=1e-4)
+  assert float(m_mean["gan_d"]) == float(m_sum["gan_d"])
+
+
 @pytest.mark.parametrize("guard_backend", ["cpu", "gpu"])
 def test_non_finite_step_leaves_both_states_exactly_as_they_were(guard_backend, monkeypatch):
   # the guard is a lax.cond on CPU and a select elsewhere: check both forms here on CPU
@@ -159,6 +178,7 @@ def test_main_end_to_end_then_resume(tmp_path):
     ("lambda_intra", (0.5,), "config.lambda_intra"),
     ("image_size", 40, "config.image_size"),
     ("gan_loss", "wgan", "config.gan_loss"),
+    ("gp_logits", "max", "config.gp_logits"),
     ("blend_mode", "screen", "config.blend_mode"),
     ("shapes", ("square", "circle", "square"), "config.shapes"),
     ("ss_levels", (7,), "config.ss_levels"),

@@ -11,6 +11,7 @@ from sils_jax.models.upsample import UPSAMPLE_IMPLS
 DATASETS = ("synthetic", "synthetic_shapes", "mit_intrinsic", "sir2", "image_folders")
 GENERATORS = ("unet", "vgg")
 VGG_PREPROCESS = ("auto", "caffe", "torch")
+GP_LOGITS = ("sum", "mean")
 GAN_LOSSES = ("nsgan", "lsgan")
 SS_MODES = ("elementwise", "mean")
 LR_SCHEDULES = ("constant", "linear_decay")
@@ -92,6 +93,8 @@ def validate(config) -> None:
   _need(len(config.ss_levels) >= 1 and all(0 <= int(l) < depth for l in config.ss_levels),
         "ss_levels", f"encoder level indices in [0, {depth - 1}]", config.ss_levels)
   _need(config.gp_weight >= 0, "gp_weight", "a number >= 0", config.gp_weight)
+  _need(config.get("gp_logits", "sum") in GP_LOGITS, "gp_logits", f"one of {GP_LOGITS}",
+        config.get("gp_logits"))
   _need(config.learning_rate > 0, "learning_rate", "a positive number", config.learning_rate)
   _need(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}", config.lr_schedule)
   _need(config.per_device_batch_size >= 1, "per_device_batch_size", "an integer >= 1",

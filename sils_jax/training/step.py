@@ -37,6 +37,9 @@ class LossConfig:
   ss_scale: float
   gp_weight: float
   objective: str = "unsupervised"  # or 'supervised': L1 to paired ground truth (upper bound)
+  # R1 on the gradient of D's 'sum' of patch logits per image, or of their 'mean' (R1
+  # as for one scalar D output per image: the sum form's penalty over (h*w)^2 per branch)
+  gp_logits: str = "sum"
 
   @classmethod
   def from_config(cls, config) -> "LossConfig":
@@ -47,7 +50,8 @@ class LossConfig:
         lambda_cycle_layers=tuple(float(v) for v in config.lambda_cycle_layers),
         alpha=float(config.alpha), w1=float(config.w1), w2=float(config.w2), ss_mode=config.ss_mode,
         ss_levels=tuple(int(l) for l in config.ss_levels), ss_scale=float(config.ss_scale),
-        gp_weight=float(config.gp_weight), objective=config.get("objective", "unsupervised"))
+        gp_weight=float(config.gp_weight), objective=config.get("objective", "unsupervised"),
+        gp_logits=config.get("gp_logits", "sum"))
 
 
 def _levels(codes: list[list[jax.Array]], levels: tuple[int, ...]) -> list[Any]:
@@ -111,7 +115,9 @@ def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossCon
   gp = jnp.zeros(())
   if cfg.gp_weight > 0:
     def summed_logits(r):
-      return sum(jnp.sum(l) for branches in d_apply({"params": d_params}, r) for l in branches)
+      # per image: the sum of each branch's patch logits, or their mean (divide by h*w)
+      scale = (lambda l: 1.0) if cfg.gp_logits == "sum" else (lambda l: 1.0 / (l.shape[1] * l.shape[2]))
+      return sum(jnp.sum(l) * scale(l) for branches in d_apply({"params": d_params}, r) for l in branches)
     grad_real = jax.grad(summed_logits)(real_layers)
     gp = sum(losses.r1_penalty(grad_real[:, k]) for k in range(real_layers.shape[1]))
   metrics["r1"] = gp

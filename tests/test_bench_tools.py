@@ -1,0 +1,57 @@
+"""The benchmark helpers that turn raw measurements into reported numbers."""
+
+import gzip
+import json
+import os
+
+import pytest
+
+from benchmarks import compare, trace_ops
+
+
+def _write_trace(tmp_path, events):
+  run = tmp_path / "plugins" / "profile" / "run1"
+  os.makedirs(run)
+  with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def test_top_ops_sums_by_name_per_process_per_step(tmp_path):
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+  kernels = [{"ph": "X", "pid": 1, "name": "conv_a", "dur": 3000}] * 4 + \
+            [{"ph": "X", "pid": 1, "name": "fusion_b", "dur": 500}] * 2
+  host = [{"ph": "X", "pid": 2, "name": "Execute", "dur": 5000},
+          {"ph": "X", "pid": 2, "name": "$python.py:1 f", "dur": 99000},  # Python frame: skipped
+          {"ph": "i", "pid": 2, "name": "instant"},                       # not a complete event
+          {"ph": "X", "pid": 3, "name": "tiny", "dur": 100}]              # under 1 ms per step: dropped
+  _write_trace(tmp_path, meta + kernels + host)
+  out = trace_ops.top_ops(str(tmp_path), steps=2, top=1)
+  assert set(out) == {"/device:GPU:0", "/host:CPU"}
+  gpu = out["/device:GPU:0"]
+  assert gpu["total_ms"] == pytest.approx((4 * 3.0 + 2 * 0.5) / 2)
+  assert gpu["ops"] == [["conv_a", 6.0, 2.0]]  # top=1: only the largest, per step
+  assert out["/host:CPU"]["ops"] == [["Execute", 2.5, 0.5]]
+
+
+def test_top_ops_without_a_trace_is_empty(tmp_path):
+  assert trace_ops.top_ops(str(tmp_path), steps=3, top=5) == {}
+
+
+def _row(framework, batch, img_per_s, dtype="float32", **kw):
+  return {"framework": framework, "device": "gpu:H200" if framework == "jax" else "H200",
+          "image_size": 128, "batch": batch, "img_per_s": img_per_s, "dtype": dtype,
+          **({"mode": "eager"} if framework == "torch" else {"config": "synthetic"}), **kw}
+
+
+def test_compare_pairs_each_jax_row_with_the_torch_eager_row_of_its_dtype():
+  rows = [_row("jax", 64, 2000.0), _row("jax", 64, 3600.0, "bfloat16"),
+          _row("jax", 64, 1500.0, config="synthetic_phases"),
+          _row("torch", 64, 1000.0), _row("torch", 64, 1500.0, "bfloat16"),
+          _row("torch", 64, 9999.0, mode="compile"),                  # not the eager peer
+          _row("torch", 8, 10.0, error="compile failed"),            # failed: no pair
+          _row("jax", 8, 800.0)]
+  out = compare.summarise(rows)
+  got = {(s["config"], s["batch"], s["dtype"]): s["ratio"] for s in out}
+  assert got == {("synthetic", 64, "float32"): 2.0, ("synthetic", 64, "bfloat16"): 2.4,
+                 ("synthetic_phases", 64, "float32"): 1.5}

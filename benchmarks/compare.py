@@ -5,8 +5,10 @@
 Runs `benchmarks/train_step.py` (JAX) and `benchmarks/torch_reference.py` (PyTorch,
 eager, its default up-conv: torch's own ConvTranspose2d) one after the other, each in
 its own process so they never share the cores, for every batch size. Prints their JSON
-lines, then one summary line per batch size with `ratio = jax img/s / torch img/s`
-(> 1: JAX is faster). It can also read lines saved earlier: --from_file=bench.jsonl.
+lines, then one summary line per JAX line with `ratio = jax img/s / torch img/s`
+(> 1: JAX is faster) against the torch eager line of the same device kind, image size,
+batch and dtype (JAX `--dtype=bfloat16` pairs with torch `--autocast=bf16`). It can also
+read lines saved earlier: --from_file=bench.jsonl.
 """
 
 import argparse

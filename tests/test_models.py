@@ -138,20 +138,37 @@ def test_matmul_conv_equals_xla_conv_values_and_gradients(shape, kernel, strides
 
   def loss(impl):
     return lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, strides, "SAME", impl)))
-  np.testing.assert_allclose(conv2d(x, w, strides, "SAME", "matmul"),
-                             conv2d(x, w, strides, "SAME", "xla"), rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.grad(loss("matmul"), (0, 1))(x, w), jax.grad(loss("xla"), (0, 1))(x, w)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # 'xla_pad' zero-pads the input channels (3, 5, 6 here) to a multiple of 4: the
+  # gradients come back in the unpadded shapes
+  for impl in ("matmul", "xla_pad"):
+    np.testing.assert_allclose(conv2d(x, w, strides, "SAME", impl),
+                               conv2d(x, w, strides, "SAME", "xla"), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.grad(loss(impl), (0, 1))(x, w), jax.grad(loss("xla"), (0, 1))(x, w)):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_conv_pads_16_bit_inputs_to_eight_channels():
+  from sils_jax.models.conv import conv2d
+  x = jax.random.normal(jax.random.key(0), (1, 6, 6, 3)).astype(jnp.bfloat16)
+  w = (jax.random.normal(jax.random.key(1), (4, 4, 3, 5)) * 0.3).astype(jnp.bfloat16)
+  hlo = jax.jit(lambda x, w: conv2d(x, w, (2, 2), "SAME", "xla_pad")).lower(x, w).as_text()
+  assert "tensor<1x6x6x8xbf16>" in hlo  # the input, padded to 8 channels
+  hlo32 = jax.jit(lambda x, w: conv2d(x, w, (2, 2), "SAME", "xla_pad")).lower(
+      x.astype(jnp.float32), w.astype(jnp.float32)).as_text()
+  assert "tensor<1x6x6x4xf32>" in hlo32 and "tensor<1x6x6x8xf32>" not in hlo32
+  np.testing.assert_array_equal(conv2d(x, w, (2, 2), "SAME", "xla_pad"), conv2d(x, w, (2, 2), "SAME", "xla"))
 
 
 def test_conv_impl_does_not_change_the_model():
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
-  models = {impl: LayerSeparator(num_layers=2, conv_impl=impl) for impl in ("xla", "matmul", "auto")}
+  impls = ("matmul", "auto", "xla_pad")
+  models = {impl: LayerSeparator(num_layers=2, conv_impl=impl) for impl in ("xla",) + impls}
   variables = models["xla"].init(jax.random.key(0), x)
-  for impl in ("matmul", "auto"):  # the same parameter tree works for every impl
+  for impl in impls:  # the same parameter tree works for every impl
     assert jax.tree.structure(models[impl].init(jax.random.key(0), x)) == jax.tree.structure(variables)
   ref = models["xla"].apply(variables, x, train=True, mutable=["batch_stats"])[0]
-  for impl in ("matmul", "auto"):
+  for impl in impls:
     out = models[impl].apply(variables, x, train=True, mutable=["batch_stats"])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
   d = {impl: LayerDiscriminators(num_layers=2, num_branches=2, conv_impl=impl) for impl in ("xla", "matmul")}

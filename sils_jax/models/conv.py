@@ -12,6 +12,12 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
   'matmul'  the input's k x k shifted (strided) slices, concatenated on the channel
             axis, times the kernel reshaped to (k*k*Cin, Cout). Its gradients are
             matrix multiplies and slice-adds.
+  'xla_pad' XLA's convolution with the input channels zero-padded (input and kernel)
+            to a multiple of 4 (8 for 16-bit dtypes): same values, and the shape
+            cuDNN's tensor-core kernels need. On an H200 the 3-channel first convs of
+            the encoders ran as an NCHW 'indexed' TF32 kernel taking 10.1 of the
+            33.5 ms batch-64 step (benchmarks/README.md); this form is not timed on a
+            GPU yet, so 'auto' does not pick it.
   'auto'    'matmul' on the CPU backend, except for convolutions to few channels
             (< ``MATMUL_MIN_FEATURES``) over many output positions (batch x height x
             width > ``MATMUL_MAX_THIN_POSITIONS``), where the patch matrix's gradient
@@ -30,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "matmul")
+IMPLS = ("auto", "xla", "matmul", "xla_pad")
 # From the per-layer sweep in benchmarks/README.md (every conv of the synthetic model
 # at 64/128 px, batch 1/8): the matrix form was faster for most layers (up to 15x for
 # small maps with many channels) and clearly slower only for the 3-channel output
@@ -70,7 +76,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   sh, sw = strides
   (pt, pb), (pl, pr) = _pads(h, kh, sh, padding), _pads(w, kw, sw, padding)
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-  if resolve_impl(impl, b * ho * wo, cout) == "xla":
+  resolved = resolve_impl(impl, b * ho * wo, cout)
+  if resolved == "xla_pad":
+    extra = -cin % (8 if jnp.dtype(x.dtype).itemsize == 2 else 4)
+    if extra:  # zero channels in the input meet zero rows of the kernel: same sums
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+      kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    resolved = "xla"
+  if resolved == "xla":
     return jax.lax.conv_general_dilated(x, kernel, tuple(strides), ((pt, pb), (pl, pr)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   if kh == kw == 1 and sh == sw == 1:

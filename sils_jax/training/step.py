@@ -114,10 +114,12 @@ def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossCon
     metrics[f"gan_d_{k}"] = t
   gp = jnp.zeros(())
   if cfg.gp_weight > 0:
+    def reduce(logits):  # one branch's [B, h, w, 1] patch logits, summed over the batch
+      per_image = 1.0 if cfg.gp_logits == "sum" else 1.0 / (logits.shape[1] * logits.shape[2])
+      return jnp.sum(logits) * per_image
+
     def summed_logits(r):
-      # per image: the sum of each branch's patch logits, or their mean (divide by h*w)
-      scale = (lambda l: 1.0) if cfg.gp_logits == "sum" else (lambda l: 1.0 / (l.shape[1] * l.shape[2]))
-      return sum(jnp.sum(l) * scale(l) for branches in d_apply({"params": d_params}, r) for l in branches)
+      return sum(reduce(l) for branches in d_apply({"params": d_params}, r) for l in branches)
     grad_real = jax.grad(summed_logits)(real_layers)
     gp = sum(losses.r1_penalty(grad_real[:, k]) for k in range(real_layers.shape[1]))
   metrics["r1"] = gp

@@ -24,7 +24,10 @@
 # History: 2026-11-27 (first lent session) ran `device_run.sh 265 150` under a 330 s
 # limit, benchmarks only (results/h200_2026-11-27.jsonl): its training runs never
 # reached evaluation, because a bare `wait` also waited for the log's `tee` and hung
-# until the limit (found with SMOKE=1 and fixed: `wait $PIDS`).
+# until the limit (found with SMOKE=1 and fixed: `wait $PIDS`). The second lent session
+# ran `device_run.sh 450 180` under a 600 s limit: everything done in 471 s
+# (results/h200_2026-11-27b.jsonl, results/h200_synthetic128_2026-11-27.json); the
+# benchmark list was then changed to the one above (xla_pad instead of the up-conv forms).
 set -u
 T0=$(date +%s)
 END_TRAIN=${1:-470}  # seconds after start at which training is stopped

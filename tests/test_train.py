@@ -65,6 +65,8 @@ def test_r1_of_mean_patch_logits_is_the_sum_form_over_patch_count_squared():
   assert h * w == 4 and float(m_sum["r1"]) > 0
   assert float(m_mean["r1"]) == pytest.approx(float(m_sum["r1"]) / (h * w) ** 2, rel=1e-4)
   assert float(m_mean["gan_d"]) == float(m_sum["gan_d"])
+  with pytest.raises(ValueError, match="gp_logits"):  # never silently one of the two
+    discriminator_loss(d.params, d.apply_fn, real, fake, dataclasses.replace(cfg, gp_logits="max"))
 
 
 @pytest.mark.parametrize("guard_backend", ["cpu", "gpu"])

@@ -7,11 +7,11 @@ from typing import Any
 from sils_jax import blend
 from sils_jax.models.conv import IMPLS as CONV_IMPLS
 from sils_jax.models.upsample import UPSAMPLE_IMPLS
+from sils_jax.training.step import GP_LOGITS
 
 DATASETS = ("synthetic", "synthetic_shapes", "mit_intrinsic", "sir2", "image_folders")
 GENERATORS = ("unet", "vgg")
 VGG_PREPROCESS = ("auto", "caffe", "torch")
-GP_LOGITS = ("sum", "mean")
 GAN_LOSSES = ("nsgan", "lsgan")
 SS_MODES = ("elementwise", "mean")
 LR_SCHEDULES = ("constant", "linear_decay")

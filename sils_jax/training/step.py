@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from sils_jax import blend, losses
 from sils_jax.training.state import AXIS
 
+GP_LOGITS = ("sum", "mean")  # what R1 differentiates per image (LossConfig.gp_logits)
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -114,6 +116,9 @@ def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossCon
     metrics[f"gan_d_{k}"] = t
   gp = jnp.zeros(())
   if cfg.gp_weight > 0:
+    if cfg.gp_logits not in GP_LOGITS:
+      raise ValueError(f"gp_logits must be one of {GP_LOGITS}, got {cfg.gp_logits!r}")
+
     def reduce(logits):  # one branch's [B, h, w, 1] patch logits, summed over the batch
       per_image = 1.0 if cfg.gp_logits == "sum" else 1.0 / (logits.shape[1] * logits.shape[2])
       return jnp.sum(logits) * per_image

@@ -9,6 +9,7 @@ import glob
 import gzip
 import json
 import os
+import re
 
 
 def top_ops(trace_dir: str, steps: int, top: int) -> dict:
@@ -17,7 +18,9 @@ def top_ops(trace_dir: str, steps: int, top: int) -> dict:
   threads running XLA's thunks. Returns {process: {"total_ms": .., "ops": [[name,
   ms per step, count per step], ...]}} for processes whose events add up to at least
   1 ms per step. Nested events (a thunk executor around its thunks) are all counted:
-  compare names, not the total, across processes."""
+  compare names, not the total, across processes. "kinds" sums the same by kind: the
+  name without XLA's instance suffix ('concatenate.129' -> 'concatenate'), so that
+  one step's hundreds of fusions read as a few categories."""
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
   if not paths:
     return {}
@@ -40,7 +43,15 @@ def top_ops(trace_dir: str, steps: int, top: int) -> dict:
     if total < 1.0:
       continue
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    kind_ms, kind_n = collections.defaultdict(float), collections.defaultdict(int)
+    for name, ms in ops.items():
+      kind = re.sub(r"\.\d+$", "", name)
+      kind_ms[kind] += ms
+      kind_n[kind] += count[proc][name]
+    kinds = sorted(kind_ms.items(), key=lambda kv: -kv[1])[:top]
     out[proc] = {"total_ms": round(total, 3),
                  "ops": [[name[:120], round(ms, 3), round(count[proc][name] / steps, 2)]
-                         for name, ms in ranked]}
+                         for name, ms in ranked],
+                 "kinds": [[kind[:120], round(ms, 3), round(kind_n[kind] / steps, 2)]
+                           for kind, ms in kinds]}
   return out

@@ -20,7 +20,8 @@ def test_top_ops_sums_by_name_per_process_per_step(tmp_path):
   meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
           {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
   kernels = [{"ph": "X", "pid": 1, "name": "conv_a", "dur": 3000}] * 4 + \
-            [{"ph": "X", "pid": 1, "name": "fusion_b", "dur": 500}] * 2
+            [{"ph": "X", "pid": 1, "name": "fusion.1", "dur": 500}] * 2 + \
+            [{"ph": "X", "pid": 1, "name": "fusion.22", "dur": 2000}]
   host = [{"ph": "X", "pid": 2, "name": "Execute", "dur": 5000},
           {"ph": "X", "pid": 2, "name": "$python.py:1 f", "dur": 99000},  # Python frame: skipped
           {"ph": "i", "pid": 2, "name": "instant"},                       # not a complete event
@@ -29,8 +30,11 @@ def test_top_ops_sums_by_name_per_process_per_step(tmp_path):
   out = trace_ops.top_ops(str(tmp_path), steps=2, top=1)
   assert set(out) == {"/device:GPU:0", "/host:CPU"}
   gpu = out["/device:GPU:0"]
-  assert gpu["total_ms"] == pytest.approx((4 * 3.0 + 2 * 0.5) / 2)
+  assert gpu["total_ms"] == pytest.approx((4 * 3.0 + 2 * 0.5 + 2.0) / 2)
   assert gpu["ops"] == [["conv_a", 6.0, 2.0]]  # top=1: only the largest, per step
+  # by kind, instance suffixes dropped: fusion.1 and fusion.22 are one kind
+  assert trace_ops.top_ops(str(tmp_path), steps=2, top=2)["/device:GPU:0"]["kinds"] == [
+      ["conv_a", 6.0, 2.0], ["fusion", 1.5, 1.5]]
   assert out["/host:CPU"]["ops"] == [["Execute", 2.5, 0.5]]
 
 

@@ -182,3 +182,53 @@ def test_conv_impl_rejects_unknown_name():
   from sils_jax.models.conv import conv2d
   with pytest.raises(ValueError, match="conv_impl"):
     conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fast")
+
+
+# (input shape, kernel, strides, padding, output channels): every form of the matrix
+# conv's custom gradient. Stride 2 / 3 run as space-to-depth blocks (split pieces);
+# narrowing convs (C > F in the blocked frame) run in the shift form; the input
+# gradient is 'correlate' or 'scatter' by positions * (C - F) > C * F.
+_WINDOW_CASES = [
+    ((2, 8, 8, 3), (4, 4), (2, 2), "SAME", 5),    # blocks of 12 channels -> 5: shift, correlate
+    ((1, 7, 5, 6), (4, 4), (2, 2), "SAME", 2),    # odd sizes, asymmetric padding
+    ((2, 6, 6, 2), (4, 4), (2, 2), "SAME", 16),   # widening: patches, scatter
+    ((1, 9, 9, 2), (6, 6), (3, 3), "SAME", 4),    # stride 3
+    ((2, 6, 6, 16), (3, 3), (1, 1), "SAME", 3),   # the decoder's output conv
+    ((1, 5, 5, 4), (2, 2), (1, 1), "VALID", 9),   # the phases up-conv
+    ((1, 2, 2, 8), (2, 2), (1, 1), "VALID", 6),   # one position: shift, scatter
+]
+
+
+def test_matrix_conv_forms_equal_xla_conv_to_second_order():
+  """Values, gradients and the R1-style second-order gradient (of |dL/dx|^2 with
+  respect to both inputs), jitted, against XLA's convolution; and the cases cover
+  every (forward form, input-gradient form) pair."""
+  from sils_jax.models import conv
+  seen = set()
+  for shape, kernel, strides, padding, cout in _WINDOW_CASES:
+    kx, kw = jax.random.split(jax.random.key(len(seen)))
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, kernel + (shape[-1], cout)) * 0.3
+
+    def loss(impl):
+      return lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, impl)))
+
+    def r1(impl):
+      return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
+
+    np.testing.assert_allclose(conv.conv2d(x, w, strides, padding, "matmul"),
+                               conv.conv2d(x, w, strides, padding, "xla"), rtol=1e-5, atol=1e-5)
+    for fn in (loss, r1):
+      args = (x, w) if fn is loss else (w, x)
+      got = jax.jit(jax.grad(fn("matmul"), (0, 1)))(*args)
+      want = jax.grad(fn("xla"), (0, 1))(*args)
+      for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    s = strides[0]
+    ka, c = kernel[0] // s, s * s * shape[-1]
+    ho = -(-shape[1] // s) if padding == "SAME" else shape[1] - kernel[0] + 1
+    wo = -(-shape[2] // s) if padding == "SAME" else shape[2] - kernel[1] + 1
+    kmat = jnp.zeros((ka * ka * c, cout))
+    seen.add((conv._narrows(kmat, ka, ka), shape[0] * ho * wo * (c - cout) > c * cout))
+  assert seen == {(True, True), (True, False), (False, False)}  # widening never correlates

@@ -179,8 +179,13 @@ def _shift_form(xp: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) ->
   bsz, hp, wp, _ = xp.shape
   f = kmat.shape[-1]
   ho, wo = hp - ka + 1, wp - kb + 1
-  z = (xp @ _shift_kernel(kmat, ka, kb, split)).reshape(bsz, hp, wp, ka * kb, f)
-  return sum(z[:, a:a + ho, b:b + wo, a * kb + b] for a in range(ka) for b in range(kb))
+  # the taps' partial sums are added in float32 for 16-bit inputs, as one product
+  # would accumulate them, then rounded once
+  acc = jnp.float32 if jnp.dtype(xp.dtype).itemsize < 4 else None
+  z = jnp.matmul(xp, _shift_kernel(kmat, ka, kb, split), preferred_element_type=acc)
+  z = z.reshape(bsz, hp, wp, ka * kb, f)
+  y = sum(z[:, a:a + ho, b:b + wo, a * kb + b] for a in range(ka) for b in range(kb))
+  return y.astype(jnp.result_type(xp.dtype, kmat.dtype))
 
 
 def window_matmul(xp: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) -> jax.Array:

@@ -185,9 +185,10 @@ def test_conv_impl_rejects_unknown_name():
 
 
 # (input shape, kernel, strides, padding, output channels): every form of the matrix
-# conv's custom gradient (odd sizes: test_matmul_conv_equals_xla_conv_values_and_gradients). Stride 2 / 3 run as space-to-depth blocks (split pieces);
-# narrowing convs (C > F in the blocked frame) run in the shift form; the input
-# gradient is 'correlate' or 'scatter' by positions * (C - F) > C * F.
+# conv's custom gradient (odd sizes: test_matmul_conv_equals_xla_conv_values_and_
+# gradients). Stride 2 / 3 run as space-to-depth blocks (split pieces); narrowing convs
+# (C > F in the blocked frame) run in the shift form; the input gradient is
+# 'correlate' or 'scatter' by positions * (C - F) > C * F.
 _WINDOW_CASES = [
     ((2, 8, 8, 3), (4, 4), (2, 2), "SAME", 5),    # blocks of 12 channels -> 5: shift, correlate
     ((2, 6, 6, 2), (4, 4), (2, 2), "SAME", 16),   # widening: patches, scatter
@@ -215,8 +216,8 @@ def test_matrix_conv_forms_equal_xla_conv_to_second_order():
     def r1(impl):
       return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
 
-    np.testing.assert_allclose(conv.conv2d(x, w, strides, padding, "matmul"),
-                               conv.conv2d(x, w, strides, padding, "xla"), rtol=1e-5, atol=1e-5)
+    out = conv.conv2d(x, w, strides, padding, "matmul")
+    np.testing.assert_allclose(out, conv.conv2d(x, w, strides, padding, "xla"), rtol=1e-5, atol=1e-5)
     for fn in (loss, r1):
       args = (x, w) if fn is loss else (w, x)
       got = jax.jit(jax.grad(fn("matmul"), (0, 1)))(*args)
@@ -225,11 +226,9 @@ def test_matrix_conv_forms_equal_xla_conv_to_second_order():
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
     s = strides[0]
-    ka, c = kernel[0] // s, s * s * shape[-1]
-    ho = -(-shape[1] // s) if padding == "SAME" else shape[1] - kernel[0] + 1
-    wo = -(-shape[2] // s) if padding == "SAME" else shape[2] - kernel[1] + 1
-    kmat = jnp.zeros((ka * ka * c, cout))
-    seen.add((conv._narrows(kmat, ka, ka), shape[0] * ho * wo * (c - cout) > c * cout))
+    ka = kernel[0] // s
+    kmat = jnp.zeros((ka * ka * s * s * shape[-1], cout))  # the blocked frame's kernel matrix
+    seen.add((conv._narrows(kmat, ka, ka), conv._correlates(out.shape, kmat, ka, ka)))
   assert seen == {(True, True), (True, False), (False, False)}  # widening never correlates
 
 

@@ -124,7 +124,7 @@ def _strided_as_space_to_depth(x: jax.Array, kernel: jax.Array, strides: Sequenc
   """
   kh, kw, cin, cout = kernel.shape
   (sh, sw), ((pt, pb), (pl, pr)), (ho, wo) = strides, pads, out_hw
-  b, h, w, _ = x.shape
+  b = x.shape[0]
   ka, kb = kh // sh, kw // sw
   hb, wb = ho + ka - 1, wo + kb - 1  # blocks the outputs read
   # pad (or crop: rows past the last window are never read) to hb*sh x wb*sw
@@ -220,10 +220,22 @@ def _window_matmul_bwd(ka, kb, split, shift, res, dy):
   # and the kernel gradient is xp^T dz, mapped back to kmat's rows
   f = kmat.shape[-1]
   q = inp.shape[-1] // split
-  dyp = jnp.pad(dy, ((0, 0), (ka - 1, ka - 1), (kb - 1, kb - 1), (0, 0)))
-  g = jnp.einsum("bhwc,bhwk->ck", inp, _patches(dyp, ka, kb, 1))  # (C, (a', b', f)), a' = ka-1-a
+  g = jnp.einsum("bhwc,bhwk->ck", inp, _patches(_full_pad(dy, ka, kb), ka, kb, 1))  # (C, (a', b', f)), a' = ka-1-a
   g = g.reshape(split, q, ka, kb, f)[:, :, ::-1, ::-1].transpose(2, 0, 3, 1, 4)
   return dx, g.reshape(ka * split * kb * q, f)
+
+
+def _full_pad(dy: jax.Array, ka: int, kb: int) -> jax.Array:
+  """dy padded by the window size - 1 on every side: its (ka, kb) windows are the
+  input positions' 'full' correlation windows."""
+  return jnp.pad(dy, ((0, 0), (ka - 1, ka - 1), (kb - 1, kb - 1), (0, 0)))
+
+
+def _correlates(dy_shape: Sequence[int], kmat: jax.Array, ka: int, kb: int) -> bool:
+  """Whether ``_input_grad`` takes the 'correlate' form: positions * (C - F) > C * F."""
+  bsz, ho, wo, f = dy_shape
+  c = kmat.shape[0] // (ka * kb)
+  return bsz * ho * wo * (c - f) > c * f
 
 
 def _input_grad(dy: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
@@ -237,15 +249,13 @@ def _input_grad(dy: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) ->
 
   Same products and sums; 'correlate' moves F instead of C channels per patch entry,
   plus one rearranged copy of the kernel, so it is taken when the conv narrows the
-  channels over enough positions: positions * (C - F) > C * F.
+  channels over enough positions (``_correlates``).
   """
-  bsz, ho, wo, f = dy.shape
-  c = kmat.shape[0] // (ka * kb)
-  if bsz * ho * wo * (c - f) > c * f:
-    q = c // split
-    w = kmat.reshape(ka, split, kb, q, f)[::-1, :, ::-1].transpose(0, 2, 4, 1, 3)
-    dyp = jnp.pad(dy, ((0, 0), (ka - 1, ka - 1), (kb - 1, kb - 1), (0, 0)))
-    return window_matmul(dyp, w.reshape(ka * kb * f, c), ka, kb, 1)
+  if _correlates(dy.shape, kmat, ka, kb):
+    f = dy.shape[-1]
+    c = kmat.shape[0] // (ka * kb)
+    w = kmat.reshape(ka, split, kb, c // split, f)[::-1, :, ::-1].transpose(0, 2, 4, 1, 3)
+    return window_matmul(_full_pad(dy, ka, kb), w.reshape(ka * kb * f, c), ka, kb, 1)
   return _col2im(dy @ kmat.T, ka, kb, split)
 
 

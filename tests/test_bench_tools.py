@@ -59,3 +59,40 @@ def test_compare_pairs_each_jax_row_with_the_torch_eager_row_of_its_dtype():
   got = {(s["config"], s["batch"], s["dtype"]): s["ratio"] for s in out}
   assert got == {("synthetic", 64, "float32"): 2.0, ("synthetic", 64, "bfloat16"): 2.4,
                  ("synthetic_phases", 64, "float32"): 1.5}
+
+
+def test_ab_step_reads_variants_overrides_and_compiler_options():
+  from benchmarks import ab_step
+  assert ab_step.parse_variant("base:") == ("base", {}, {})
+  name, overrides, options = ab_step.parse_variant(
+      "x: conv_impl=xla, per_device_batch_size=2,@xla_cpu_enable_fast_math=false,gp_weight=0.5")
+  assert (name, overrides, options) == ("x", {"conv_impl": "xla", "per_device_batch_size": 2, "gp_weight": 0.5},
+                                        {"xla_cpu_enable_fast_math": False})
+  for bad in ("nocolon", ":conv_impl=xla", "x:conv_impl", "x:@=1"):
+    with pytest.raises(ValueError, match="variant"):
+      ab_step.parse_variant(bad)
+
+
+def test_ab_step_overrides_a_copy_and_rejects_unknown_fields():
+  import ml_collections
+  from benchmarks import ab_step
+  base = ml_collections.ConfigDict({"conv_impl": "auto", "opt": {"lr": 1e-4}})
+  new = ab_step.apply_overrides(base, {"conv_impl": "xla", "opt.lr": 2e-4})
+  assert (new.conv_impl, new.opt.lr) == ("xla", 2e-4)
+  assert (base.conv_impl, base.opt.lr) == ("auto", 1e-4)
+  for key, missing in (("conv_iml", "conv_iml"), ("opt.lrr", "lrr"), ("nope.lr", "nope")):
+    with pytest.raises(KeyError, match=f"no field '{missing}'"):
+      ab_step.apply_overrides(base, {key: 1})
+
+
+def test_ab_step_summary_ratios_and_metric_differences():
+  import numpy as np
+  from benchmarks import ab_step
+  rows = ab_step.summarise({"a": [100.0, 120.0, 110.0], "b": [90.0, 80.0, 200.0]})
+  assert list(rows) == ["a", "b"]
+  assert rows["a"]["ms_median"] == 110.0 and rows["b"]["ms_median"] == 90.0
+  assert rows["b"]["ratio_to_first"] == pytest.approx(90 / 110, abs=1e-4)
+  ref = {"loss": np.float32(2.0), "norm": np.float32(4.0), "finite": np.bool_(True)}
+  assert ab_step.max_rel_diff(dict(ref), ref) == (0.0, None)
+  assert ab_step.max_rel_diff({**ref, "norm": np.float32(5.0)}, ref) == (pytest.approx(0.25), "norm")
+  assert ab_step.max_rel_diff({"loss": np.float32(2.0)}, ref) == (np.inf, "norm")

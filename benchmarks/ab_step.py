@@ -1,0 +1,195 @@
+"""Interleaved A/B timing of training-step variants in one process.
+
+  python benchmarks/ab_step.py --batch=8 --image_size=128 --rounds=5 --steps=5 \\
+      --variant=base: --variant=xla:conv_impl=xla \\
+      --variant=sched:@xla_cpu_enable_concurrency_optimized_scheduler=true
+
+On the 2-core CPU the step time drifts by 10-25% between processes, and within one
+process over minutes, so two separate `train_step.py` runs cannot show a 5% change.
+This script compiles every variant of the pmapped step first, then times them
+round-robin: in each round every variant runs `--steps` synchronised steps, and its
+round's median is recorded. It prints one JSON line per round and then a summary line:
+for each variant the median of its round medians, the ratio to the first variant (< 1:
+faster), the compile time, and `max_rel_metric_diff` (with its metric's name), the
+largest relative difference of its step metrics (losses, gradient norms) from the
+first variant's after the same steps from the same initial states and batch. It is 0
+for the same computation and small for an equivalent form (conv_impl, upsample), whose
+float rounding grows over the steps of GAN training; a large value means the variant
+computes something else.
+
+--variant=NAME:ITEM,ITEM,... ; each ITEM is either
+  key=value     a config override (dotted keys for nested fields), or
+  @option=value an XLA compiler option for this variant's compilation (the DebugOptions
+                field names, e.g. @xla_cpu_enable_concurrency_optimized_scheduler=true).
+Values are read as Python literals where they parse (1, 2.5, True, 'x'), true/false
+as booleans, else as strings. Nothing here needs TensorFlow.
+"""
+
+import ast
+import functools
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined when run as a script, so that tests can import the helpers below."""
+  config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
+  flags.DEFINE_integer("batch", 1, "Global batch size (must divide by the device count).")
+  flags.DEFINE_integer("image_size", 0, "Image size (0: the config's).")
+  flags.DEFINE_integer("rounds", 5, "Rounds; each times every variant once.")
+  flags.DEFINE_integer("steps", 5, "Synchronised steps per variant per round.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+  flags.DEFINE_multi_string("variant", [], "NAME:ITEM,ITEM,... (see the module doc); at least two.")
+
+
+def _value(text: str):
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+  """'NAME:key=value,@option=value' -> (name, config overrides, compiler options)."""
+  name, sep, rest = spec.partition(":")
+  if not sep or not name.strip():
+    raise ValueError(f"--variant={spec!r}: expected NAME:[key=value,@option=value,...]")
+  overrides, options = {}, {}
+  for item in filter(None, (s.strip() for s in rest.split(","))):
+    key, eq, value = item.partition("=")
+    if not eq or not key.lstrip("@"):
+      raise ValueError(f"--variant={spec!r}: item {item!r} is not key=value or @option=value")
+    (options if key.startswith("@") else overrides)[key.lstrip("@")] = _value(value)
+  return name.strip(), overrides, options
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of ``config`` with the dotted-key overrides set; unknown fields are errors."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise KeyError(f"variant override {key!r}: the config has no field {p!r}")
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"variant override {key!r}: the config has no field {leaf!r}")
+    node[leaf] = value
+  return config
+
+
+def summarise(round_ms: dict[str, list[float]]) -> dict[str, dict]:
+  """Per variant (in order): the median of its round medians and its ratio to the first."""
+  import numpy as np
+  med = {name: float(np.median(ms)) for name, ms in round_ms.items()}
+  first = next(iter(med.values()))
+  return {name: {"ms_median": round(m, 2), "ratio_to_first": round(m / first, 4),
+                 "ms_rounds": [round(x, 1) for x in round_ms[name]]} for name, m in med.items()}
+
+
+def max_rel_diff(metrics: dict, reference: dict) -> tuple[float, str | None]:
+  """The largest |m - ref| / max(|ref|, 1e-6) over the float metrics of ``reference``
+  (a metric missing from ``metrics`` counts as infinitely different), and its name
+  (None when nothing differs)."""
+  import numpy as np
+  worst, worst_key = 0.0, None
+  for key, ref in reference.items():
+    b = np.asarray(ref, np.float64)
+    if b.dtype.kind != "f":
+      continue
+    a = np.asarray(metrics[key], np.float64) if key in metrics else np.full_like(b, np.inf)
+    diff = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6))) if a.shape == b.shape else np.inf
+    if diff > worst:
+      worst, worst_key = diff, key
+  return worst, worst_key
+
+
+def build(config, batch: int, options: dict) -> dict:
+  """The compiled pmapped step of ``config`` with its states and a fixed random batch."""
+  import jax
+  import numpy as np
+  from sils_jax.training.devices import replicate, shard
+  from sils_jax.training.state import AXIS, create_states, init_key
+  from sils_jax.training.step import LossConfig, train_step
+
+  n_dev = jax.local_device_count()
+  if batch % n_dev:
+    raise ValueError(f"--batch={batch} does not divide by the {n_dev} local devices")
+  config.per_device_batch_size = batch // n_dev
+  size, n_layers = config.image_size, len(config.layer_names)
+  rng = np.random.default_rng(0)
+  host_batch = {"x": rng.random((batch, size, size, 3), np.float32),
+                "layers": rng.random((batch, n_layers, size, size, 3), np.float32)}
+  g, d = create_states(config, init_key(config.seed))
+  p_step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(config)), axis_name=AXIS,
+                    donate_argnums=(0, 1))
+  g, d, dev_batch = replicate(g), replicate(d), shard(host_batch)
+  t0 = time.perf_counter()
+  compiled = p_step.lower(g, d, dev_batch).compile(options or None)
+  return {"compiled": compiled, "g": g, "d": d, "batch": dev_batch, "metrics": None,
+          "compile_s": round(time.perf_counter() - t0, 2)}
+
+
+def run_steps(s: dict, n: int, timed: bool) -> list[float]:
+  import jax
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    s["g"], s["d"], s["metrics"] = s["compiled"](s["g"], s["d"], s["batch"])
+    if timed:
+      jax.block_until_ready(s["metrics"])
+      times.append((time.perf_counter() - t) * 1e3)
+  jax.block_until_ready(s["metrics"])
+  return times
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+  specs = [parse_variant(v) for v in FLAGS.variant]
+  if len(specs) < 2 or len({s[0] for s in specs}) != len(specs):
+    raise app.UsageError("give at least two --variant=NAME:... with distinct names")
+  base = FLAGS.config
+  if FLAGS.image_size:
+    base.image_size = FLAGS.image_size
+  states = {}
+  for name, overrides, options in specs:
+    states[name] = build(apply_overrides(base, overrides), FLAGS.batch, options)
+    run_steps(states[name], FLAGS.warmup, timed=False)
+  round_ms = {name: [] for name in states}
+  for r in range(FLAGS.rounds):
+    for name, s in states.items():
+      round_ms[name].append(float(np.median(run_steps(s, FLAGS.steps, timed=True))))
+    print(json.dumps({"round": r, **{n: round(ms[-1], 1) for n, ms in round_ms.items()}}), flush=True)
+  ref = {k: np.asarray(v) for k, v in next(iter(states.values()))["metrics"].items()}
+  dev = jax.local_devices()[0]
+  rows = summarise(round_ms)
+  out = []
+  for (name, overrides, options), row in zip(specs, rows.values()):
+    metrics = {k: np.asarray(v) for k, v in states[name]["metrics"].items()}
+    diff, key = max_rel_diff(metrics, ref)
+    out.append({"name": name, "overrides": overrides, "options": options, **row,
+                "compile_s": states[name]["compile_s"], "max_rel_metric_diff": diff,
+                "max_rel_metric_diff_key": key})
+  print(json.dumps({"summary": "ab_step", "device": f"{dev.platform}:{dev.device_kind}",
+                    "device_count": jax.local_device_count(), "batch": FLAGS.batch,
+                    "image_size": base.image_size, "rounds": FLAGS.rounds, "steps": FLAGS.steps,
+                    "variants": out}), flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

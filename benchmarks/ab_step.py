@@ -22,7 +22,8 @@ computes something else.
   @option=value an XLA compiler option for this variant's compilation (the DebugOptions
                 field names, e.g. @xla_cpu_enable_concurrency_optimized_scheduler=true).
 Values are read as Python literals where they parse (1, 2.5, True, 'x'), true/false
-as booleans, else as strings. Nothing here needs TensorFlow.
+as booleans, else as strings. The batch is --batch's for every variant (an override of
+per_device_batch_size is replaced by it). Nothing here needs TensorFlow.
 """
 
 import ast
@@ -111,6 +112,8 @@ def max_rel_diff(metrics: dict, reference: dict) -> tuple[float, str | None]:
       continue
     a = np.asarray(metrics[key], np.float64) if key in metrics else np.full_like(b, np.inf)
     diff = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6))) if a.shape == b.shape else np.inf
+    if np.isnan(diff):  # a NaN on either side is as different as it gets
+      diff = np.inf
     if diff > worst:
       worst, worst_key = diff, key
   return worst, worst_key

@@ -96,3 +96,4 @@ def test_ab_step_summary_ratios_and_metric_differences():
   assert ab_step.max_rel_diff(dict(ref), ref) == (0.0, None)
   assert ab_step.max_rel_diff({**ref, "norm": np.float32(5.0)}, ref) == (pytest.approx(0.25), "norm")
   assert ab_step.max_rel_diff({"loss": np.float32(2.0)}, ref) == (np.inf, "norm")
+  assert ab_step.max_rel_diff({**ref, "loss": np.float32(np.nan)}, ref) == (np.inf, "loss")

@@ -152,9 +152,9 @@ def run_steps(s: dict, n: int, timed: bool) -> list[float]:
     t = time.perf_counter()
     s["g"], s["d"], s["metrics"] = s["compiled"](s["g"], s["d"], s["batch"])
     if timed:
-      jax.block_until_ready(s["metrics"])
+      jax.block_until_ready((s["g"], s["d"], s["metrics"]))
       times.append((time.perf_counter() - t) * 1e3)
-  jax.block_until_ready(s["metrics"])
+  jax.block_until_ready((s["g"], s["d"], s["metrics"]))
   return times
 
 
@@ -162,7 +162,10 @@ def main(argv):
   del argv
   import jax
   import numpy as np
-  specs = [parse_variant(v) for v in FLAGS.variant]
+  try:
+    specs = [parse_variant(v) for v in FLAGS.variant]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if len(specs) < 2 or len({s[0] for s in specs}) != len(specs):
     raise app.UsageError("give at least two --variant=NAME:... with distinct names")
   base = FLAGS.config
@@ -170,7 +173,16 @@ def main(argv):
     base.image_size = FLAGS.image_size
   states = {}
   for name, overrides, options in specs:
-    states[name] = build(apply_overrides(base, overrides), FLAGS.batch, options)
+    try:
+      config = apply_overrides(base, overrides)
+    except KeyError as e:
+      raise app.UsageError(f"--variant={name}: {e.args[0]}") from None
+    try:
+      states[name] = build(config, FLAGS.batch, options)
+    except jax.errors.JaxRuntimeError as e:
+      if not options:
+        raise
+      raise app.UsageError(f"--variant={name} (compiler options {options}): {e}") from None
     run_steps(states[name], FLAGS.warmup, timed=False)
   round_ms = {name: [] for name in states}
   for r in range(FLAGS.rounds):

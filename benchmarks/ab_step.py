@@ -168,15 +168,21 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   if len(specs) < 2 or len({s[0] for s in specs}) != len(specs):
     raise app.UsageError("give at least two --variant=NAME:... with distinct names")
+  if FLAGS.rounds < 1 or FLAGS.steps < 1 or FLAGS.warmup < 0:
+    raise app.UsageError(f"--rounds and --steps must be >= 1 and --warmup >= 0, got "
+                         f"{FLAGS.rounds}, {FLAGS.steps}, {FLAGS.warmup}")
   base = FLAGS.config
   if FLAGS.image_size:
     base.image_size = FLAGS.image_size
-  states = {}
-  for name, overrides, options in specs:
+  configs = {}
+  for name, overrides, _ in specs:  # every variant checked before any compiles
     try:
-      config = apply_overrides(base, overrides)
-    except KeyError as e:
+      configs[name] = apply_overrides(base, overrides)
+    except (KeyError, TypeError) as e:  # unknown field; a value of the wrong type
       raise app.UsageError(f"--variant={name}: {e.args[0]}") from None
+  states = {}
+  for name, _, options in specs:
+    config = configs[name]
     try:
       states[name] = build(config, FLAGS.batch, options)
     except jax.errors.JaxRuntimeError as e:

@@ -27,7 +27,6 @@ per_device_batch_size is replaced by it). Nothing here needs TensorFlow.
 """
 
 import ast
-import functools
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks import train_step  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -120,25 +120,8 @@ def max_rel_diff(metrics: dict, reference: dict) -> tuple[float, str | None]:
 
 
 def build(config, batch: int, options: dict) -> dict:
-  """The compiled pmapped step of ``config`` with its states and a fixed random batch."""
-  import jax
-  import numpy as np
-  from sils_jax.training.devices import replicate, shard
-  from sils_jax.training.state import AXIS, create_states, init_key
-  from sils_jax.training.step import LossConfig, train_step
-
-  n_dev = jax.local_device_count()
-  if batch % n_dev:
-    raise ValueError(f"--batch={batch} does not divide by the {n_dev} local devices")
-  config.per_device_batch_size = batch // n_dev
-  size, n_layers = config.image_size, len(config.layer_names)
-  rng = np.random.default_rng(0)
-  host_batch = {"x": rng.random((batch, size, size, 3), np.float32),
-                "layers": rng.random((batch, n_layers, size, size, 3), np.float32)}
-  g, d = create_states(config, init_key(config.seed))
-  p_step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(config)), axis_name=AXIS,
-                    donate_argnums=(0, 1))
-  g, d, dev_batch = replicate(g), replicate(d), shard(host_batch)
+  """``train_step.prepare_step``'s step, compiled with ``options``, with its states and batch."""
+  p_step, g, d, dev_batch = train_step.prepare_step(config, batch)
   t0 = time.perf_counter()
   compiled = p_step.lower(g, d, dev_batch).compile(options or None)
   return {"compiled": compiled, "g": g, "d": d, "batch": dev_batch, "metrics": None,

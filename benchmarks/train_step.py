@@ -31,16 +31,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks import trace_ops  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
-flags.DEFINE_list("batch", ["1"], "Global batch sizes (comma separated); each must divide by the device count.")
-flags.DEFINE_list("image_size", [], "Image sizes (default: the config's).")
-flags.DEFINE_integer("steps", 20, "Timed steps (each synchronised, for the median and spread).")
-flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.DEFINE_string("dtype", "", "compute_dtype override ('float32' or 'bfloat16').")
-flags.DEFINE_string("name", "", "Label for the 'config' field (default: the config file's name and variant).")
-flags.DEFINE_integer("profile_steps", 0, "After timing, trace this many steps with jax.profiler and add "
-                     "'top_ops' (time per step summed by op / kernel name) to the JSON (0: off).")
-flags.DEFINE_integer("profile_top", 25, "Ops listed in 'top_ops'.")
+
+
+def _define_flags():
+  """Defined when run as a script, so that ab_step.py can import prepare_step."""
+  config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
+  flags.DEFINE_list("batch", ["1"], "Global batch sizes (comma separated); each must divide by the device count.")
+  flags.DEFINE_list("image_size", [], "Image sizes (default: the config's).")
+  flags.DEFINE_integer("steps", 20, "Timed steps (each synchronised, for the median and spread).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_string("dtype", "", "compute_dtype override ('float32' or 'bfloat16').")
+  flags.DEFINE_string("name", "", "Label for the 'config' field (default: the config file's name and variant).")
+  flags.DEFINE_integer("profile_steps", 0, "After timing, trace this many steps with jax.profiler and add "
+                       "'top_ops' (time per step summed by op / kernel name) to the JSON (0: off).")
+  flags.DEFINE_integer("profile_top", 25, "Ops listed in 'top_ops'.")
 
 # Dense peak FLOP/s for MFU. Convolutions in float32 run as TF32 on these GPUs under
 # jax's default matmul precision, so float32 steps are compared with the TF32 peak.
@@ -81,7 +85,10 @@ def _flops(lowered) -> float | None:
   return float(cost["flops"])
 
 
-def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: str) -> dict:
+def prepare_step(config, batch: int):
+  """The pmapped training step of ``config`` (states donated), its replicated initial
+  states and one fixed random batch of ``batch`` images on the local devices. Sets
+  ``config.per_device_batch_size`` (pass a copy). Returns (p_step, g, d, dev_batch)."""
   import jax
   import numpy as np
   from sils_jax.training.devices import replicate, shard
@@ -91,21 +98,28 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
   n_dev = jax.local_device_count()
   if batch % n_dev:
     raise ValueError(f"--batch={batch} does not divide by the {n_dev} local devices")
+  config.per_device_batch_size = batch // n_dev
+  size, n_layers = config.image_size, len(config.layer_names)
+  rng = np.random.default_rng(0)
+  host_batch = {"x": rng.random((batch, size, size, 3), np.float32),
+                "layers": rng.random((batch, n_layers, size, size, 3), np.float32)}
+  g, d = create_states(config, init_key(config.seed))
+  p_step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(config)), axis_name=AXIS,
+                    donate_argnums=(0, 1))
+  return p_step, replicate(g), replicate(d), shard(host_batch)
+
+
+def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: str) -> dict:
+  import jax
+  import numpy as np
+
   config = config.copy_and_resolve_references()
   config.image_size = image_size
-  config.per_device_batch_size = batch // n_dev
   if FLAGS.dtype:
     config.compute_dtype = FLAGS.dtype
   n_layers = len(config.layer_names)
-  rng = np.random.default_rng(0)
-  host_batch = {"x": rng.random((batch, image_size, image_size, 3), np.float32),
-                "layers": rng.random((batch, n_layers, image_size, image_size, 3), np.float32)}
-
-  g, d = create_states(config, init_key(config.seed))
-  g, d = replicate(g), replicate(d)
-  dev_batch = shard(host_batch)
-  p_step = jax.pmap(functools.partial(train_step, cfg=LossConfig.from_config(config)), axis_name=AXIS,
-                    donate_argnums=(0, 1))
+  p_step, g, d, dev_batch = prepare_step(config, batch)
+  n_dev = jax.local_device_count()
   t0 = time.perf_counter()
   lowered = p_step.lower(g, d, dev_batch)
   compiled = lowered.compile()
@@ -184,4 +198,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -8,15 +8,18 @@
 # 1. GPU benchmarks of the training step at batch 64, 128x128, time-boxed to BENCH_S:
 #    JAX float32 against the PyTorch peer (eager), JAX with conv_impl=xla_pad (input
 #    channels padded for cuDNN's tensor-core kernels), then the same in bfloat16
-#    against torch autocast(bfloat16). The float32 runs also trace 3 steps with
-#    jax.profiler and list the kernels that take the time ('top_ops'). (The second
-#    session measured the up-conv forms: benchmarks/README.md.)
+#    against torch autocast(bfloat16); last, if the time box allows, the layer streams
+#    as one vmapped computation against separate ones (streams_vmap.py, its own file).
+#    The float32 runs also trace 3 steps with jax.profiler and list the kernels that
+#    take the time ('top_ops'). (The second session measured the up-conv forms:
+#    benchmarks/README.md.)
 # 2. The synthetic experiments of RESULTS.md at the paper's 128x128, trained side by
 #    side on the one GPU until END_TRAIN_S seconds after the start, stopped with SIGTERM
 #    (the loop saves a checkpoint and exits), then each evaluated on the 1000 test
 #    triplets. Run directories are named as reproduce_synthetic names them, so
 #    `python -m benchmarks.reproduce_synthetic --workdir=DIR --summary` tabulates them.
-# Everything lands in $OUT (or /tmp/device_out): bench.jsonl, runs.tgz, log.txt.
+# Everything lands in $OUT (or /tmp/device_out): bench.jsonl, streams_vmap.jsonl, runs.tgz,
+# log.txt.
 # Budget: END_TRAIN_S + ~90 s (evaluation, archive); run it with timeout_s >=
 # END_TRAIN_S + 110.
 #
@@ -67,7 +70,8 @@ $T >> $B || echo 'torch eager fp32 failed';
 $J --config.conv_impl=xla_pad --name=synthetic_xla_pad --profile_steps=3 >> $B || echo 'jax xla_pad fp32 failed';
 $J --dtype=bfloat16 >> $B || echo 'jax bf16 failed';
 $T --autocast=bf16 >> $B || echo 'torch autocast bf16 failed';
-$J --config.conv_impl=xla_pad --dtype=bfloat16 --name=synthetic_xla_pad >> $B || echo 'jax xla_pad bf16 failed'
+$J --config.conv_impl=xla_pad --dtype=bfloat16 --name=synthetic_xla_pad >> $B || echo 'jax xla_pad bf16 failed';
+python3 benchmarks/streams_vmap.py --batch=$BATCH --image_size=$SIZE --rounds=3 --steps=5 >> $OUT/streams_vmap.jsonl || echo 'streams_vmap failed'
 " || echo "benchmarks stopped at the time box ($BENCH_S s)"
 echo "benchmarks done at $(elapsed) s"
 python3 benchmarks/compare.py --from_file=$B

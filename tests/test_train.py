@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_main_end_to_end_then_resume(tmp_path):
+def test_main_end_to_end_then_resume(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   tiny = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -161,14 +162,21 @@ def test_main_end_to_end_then_resume(tmp_path):
   baselines = json.load(open(os.path.join(workdir, "baselines.json")))
   assert set(baselines["x_over_n"]) == {"square", "circle"}
 
-  # same command, more steps: continues from the step-2 checkpoint
+  # same command, more steps: continues from the step-2 checkpoint, with an evaluation
+  # and a checkpoint at step 4 between steps; the pmapped train step is lowered once
+  # (pmap runs as a jit named '_fun'). A step whose inputs came back with other shardings
+  # than `replicate` gives would compile it again (30-45 s at 128x128 on this CPU).
   config = tiny_config()
-  config.num_train_steps = 3
+  config.num_train_steps = 5
   config.learning_rate = 0.0002
-  result = loop.train_and_evaluate(config, workdir)
-  assert result["step"] == 3
-  assert [r["step"] for r in _read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))] == [1, 2, 3]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles():
+    result = loop.train_and_evaluate(config, workdir)
+  lowered = [r.getMessage()[:60] for r in caplog.records if r.getMessage().startswith("Compiling jit(_fun)")]
+  assert len(lowered) == 1, lowered
+  assert result["step"] == 5
+  assert [r["step"] for r in _read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))] == [1, 2, 3, 4, 5]
+  assert [r["step"] for r in _read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))] == [0, 2, 4, 5]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "5"]
 
   # an architecture change cannot resume, and the error names the field
   config.encoder_features = (4, 8, 8, 8, 16)

@@ -9,6 +9,11 @@ lines, then one summary line per JAX line with `ratio = jax img/s / torch img/s`
 (> 1: JAX is faster) against the torch eager line of the same device kind, image size,
 batch and dtype (JAX `--dtype=bfloat16` pairs with torch `--autocast=bf16`). It can also
 read lines saved earlier: --from_file=bench.jsonl.
+
+--repeats=N alternates the two N times (JAX, torch, JAX, torch, ...), each row tagged
+with its `repeat`: on a small CPU one process can run 10-25% faster or slower than the
+next, so one pair cannot show which is faster. Each JAX row pairs with the torch row of
+its own repeat, and a `jax_vs_torch_repeats` line gives the ratios' median, min and max.
 """
 
 import argparse
@@ -34,7 +39,7 @@ def summarise(rows: list[dict]) -> list[dict]:
   --autocast=bf16)."""
   def key(r):
     dev = "cpu" if r["device"] in ("cpu", "cpu:cpu") else "gpu"
-    return dev, r["image_size"], r["batch"], r.get("dtype", "float32")
+    return dev, r["image_size"], r["batch"], r.get("dtype", "float32"), r.get("repeat", 0)
   torch_rows = {key(r): r for r in rows if r.get("framework") == "torch" and r.get("mode") == "eager"
                 and "error" not in r}
   out = []
@@ -44,8 +49,30 @@ def summarise(rows: list[dict]) -> list[dict]:
     k, t = key(j), torch_rows[key(j)]
     out.append({"summary": "jax_vs_torch", "device": j["device"], "torch_device": t["device"],
                 "config": j.get("config", ""), "image_size": k[1], "batch": k[2], "dtype": k[3],
+                **({"repeat": k[4]} if "repeat" in j else {}),
                 "jax_img_per_s": j["img_per_s"], "torch_img_per_s": round(t["img_per_s"], 3),
                 "ratio": round(j["img_per_s"] / t["img_per_s"], 3)})
+  return out
+
+
+def summarise_repeats(pairs: list[dict]) -> list[dict]:
+  """For pairs of ``summarise`` that come from several repeats of one setting (device,
+  config, image size, batch, dtype): the ratios in repeat order, their median, min, max."""
+  groups: dict[tuple, list[dict]] = {}
+  for s in pairs:
+    if "repeat" in s:
+      groups.setdefault((s["device"], s["config"], s["image_size"], s["batch"], s["dtype"]), []).append(s)
+  out = []
+  for (device, config, size, batch, dtype), group in groups.items():
+    if len(group) < 2:
+      continue
+    ratios = [s["ratio"] for s in sorted(group, key=lambda s: s["repeat"])]
+    srt = sorted(ratios)
+    mid = len(srt) // 2
+    median = srt[mid] if len(srt) % 2 else (srt[mid - 1] + srt[mid]) / 2
+    out.append({"summary": "jax_vs_torch_repeats", "device": device, "config": config,
+                "image_size": size, "batch": batch, "dtype": dtype, "repeats": len(ratios),
+                "ratios": ratios, "ratio_median": round(median, 3), "ratio_min": srt[0], "ratio_max": srt[-1]})
   return out
 
 
@@ -56,21 +83,29 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--device", default="cpu", help="torch device (JAX uses its default backend)")
   p.add_argument("--config", default="configs/synthetic.py")
+  p.add_argument("--repeats", type=int, default=1, help="alternate JAX and torch this many times")
   p.add_argument("--from_file", help="summarise JSON lines saved earlier instead of measuring")
   args = p.parse_args()
+  if args.repeats < 1:
+    p.error(f"--repeats must be >= 1, got {args.repeats}")
   if args.from_file:
     with open(args.from_file) as f:
       rows = [json.loads(l) for l in f if l.startswith("{")]
   else:
     rows = []
     for b in args.batch.split(","):
-      rows += _run([sys.executable, os.path.join(HERE, "train_step.py"), f"--config={args.config}",
-                    f"--batch={b}", f"--image_size={args.image_size}", f"--steps={args.steps}"])
-      rows += _run([sys.executable, os.path.join(HERE, "torch_reference.py"), f"--device={args.device}",
-                    f"--image_size={args.image_size}", f"--batch={b}", f"--steps={args.steps}"])
-    for r in rows:
-      print(json.dumps(r))
-  for s in summarise(rows):
+      for i in range(args.repeats):
+        pair = _run([sys.executable, os.path.join(HERE, "train_step.py"), f"--config={args.config}",
+                     f"--batch={b}", f"--image_size={args.image_size}", f"--steps={args.steps}"])
+        pair += _run([sys.executable, os.path.join(HERE, "torch_reference.py"), f"--device={args.device}",
+                      f"--image_size={args.image_size}", f"--batch={b}", f"--steps={args.steps}"])
+        for r in pair:
+          if args.repeats > 1:
+            r["repeat"] = i
+          print(json.dumps(r), flush=True)
+        rows += pair
+  pairs = summarise(rows)
+  for s in pairs + summarise_repeats(pairs):
     print(json.dumps(s))
 
 

@@ -61,6 +61,26 @@ def test_compare_pairs_each_jax_row_with_the_torch_eager_row_of_its_dtype():
                  ("synthetic_phases", 64, "float32"): 1.5}
 
 
+def test_compare_pairs_repeats_with_their_own_torch_row_and_summarises_them():
+  rows = []
+  for i, (jax_ips, torch_ips) in enumerate([(6.0, 8.0), (9.0, 6.0), (7.0, 7.0)]):
+    rows += [_row("jax", 8, jax_ips, repeat=i), _row("torch", 8, torch_ips, repeat=i)]
+  rows.append(_row("jax", 1, 5.0, repeat=0))  # one repeat of a setting: no repeats line
+  rows.append(_row("torch", 1, 4.0, repeat=0))
+  pairs = compare.summarise(rows)
+  assert [(s["batch"], s["repeat"], s["ratio"]) for s in pairs] == [(8, 0, 0.75), (8, 1, 1.5), (8, 2, 1.0),
+                                                                   (1, 0, 1.25)]
+  (rep,) = compare.summarise_repeats(pairs)
+  assert (rep["batch"], rep["repeats"], rep["ratios"]) == (8, 3, [0.75, 1.5, 1.0])
+  assert (rep["ratio_median"], rep["ratio_min"], rep["ratio_max"]) == (1.0, 0.75, 1.5)
+  # an even count: the mean of the middle two
+  assert compare.summarise_repeats(pairs[:2])[0]["ratio_median"] == pytest.approx(1.125, abs=1e-3)
+  # rows without repeat tags (single runs, older files) pair as before, with no repeats line
+  plain = [{k: v for k, v in r.items() if k != "repeat"} for r in rows[:2]]
+  assert [s["ratio"] for s in compare.summarise(plain)] == [0.75]
+  assert compare.summarise_repeats(compare.summarise(plain)) == []
+
+
 def test_ab_step_reads_variants_overrides_and_compiler_options():
   from benchmarks import ab_step
   assert ab_step.parse_variant("base:") == ("base", {}, {})

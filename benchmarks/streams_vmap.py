@@ -112,12 +112,16 @@ def g_piece(batch: int, size: int, n: int, conv_impl: str):
 
 
 def max_rel_diff(a, b) -> float:
+  """The largest |a - b| of a leaf over the largest |b| of that leaf, over the leaves;
+  inf where a leaf holds a NaN on either side (as in ab_step.max_rel_diff: `max` would
+  otherwise skip it and report 0)."""
   import jax
   import numpy as np
   worst = 0.0
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    worst = max(worst, float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12)))
+    diff = float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
+    worst = max(worst, np.inf if np.isnan(diff) else diff)
   return worst
 
 

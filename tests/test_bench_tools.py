@@ -117,3 +117,12 @@ def test_ab_step_summary_ratios_and_metric_differences():
   assert ab_step.max_rel_diff({**ref, "norm": np.float32(5.0)}, ref) == (pytest.approx(0.25), "norm")
   assert ab_step.max_rel_diff({"loss": np.float32(2.0)}, ref) == (np.inf, "norm")
   assert ab_step.max_rel_diff({**ref, "loss": np.float32(np.nan)}, ref) == (np.inf, "loss")
+
+
+def test_streams_vmap_difference_is_relative_per_leaf_and_nan_is_infinite():
+  import numpy as np
+  from benchmarks import streams_vmap
+  ref = [np.array([1.0, 2.0]), np.array([[100.0]])]
+  assert streams_vmap.max_rel_diff(ref, ref) == 0.0
+  assert streams_vmap.max_rel_diff([np.array([1.0, 2.1]), np.array([[100.0]])], ref) == pytest.approx(0.05)
+  assert streams_vmap.max_rel_diff([np.array([1.0, np.nan]), np.array([[100.0]])], ref) == np.inf

@@ -19,6 +19,7 @@ its own repeat, and a `jax_vs_torch_repeats` line gives the ratios' median, min 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -67,12 +68,10 @@ def summarise_repeats(pairs: list[dict]) -> list[dict]:
     if len(group) < 2:
       continue
     ratios = [s["ratio"] for s in sorted(group, key=lambda s: s["repeat"])]
-    srt = sorted(ratios)
-    mid = len(srt) // 2
-    median = srt[mid] if len(srt) % 2 else (srt[mid - 1] + srt[mid]) / 2
     out.append({"summary": "jax_vs_torch_repeats", "device": device, "config": config,
                 "image_size": size, "batch": batch, "dtype": dtype, "repeats": len(ratios),
-                "ratios": ratios, "ratio_median": round(median, 3), "ratio_min": srt[0], "ratio_max": srt[-1]})
+                "ratios": ratios, "ratio_median": round(statistics.median(ratios), 3),
+                "ratio_min": min(ratios), "ratio_max": max(ratios)})
   return out
 
 

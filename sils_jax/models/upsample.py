@@ -48,14 +48,19 @@ _TAP = np.array([[0, 4], [2, 1], [4, 3]], dtype=np.int32)
 def subpixel_kernel(kernel: jax.Array) -> jax.Array:
   """Maps a (4, 4, Cin, F) transposed-conv kernel to a (3, 3, Cin, 4F) conv kernel.
 
-  Output channel order is (row phase, column phase, F).
+  Output channel order is (row phase, column phase, F). Built from static slices and
+  zeros, not by indexing with ``_TAP`` (a gather, whose gradient is a scatter-add into
+  zeros: 8% of the CPU step at batch 1, benchmarks/README.md); the same values.
   """
   kh, kw, cin, feat = kernel.shape
   if (kh, kw) != (4, 4):
     raise ValueError(f"subpixel_kernel expects a 4x4 kernel, got {kernel.shape}")
-  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-  rows = padded[_TAP]  # (3 dy, 2 py, 5, Cin, F)
-  taps = rows[:, :, _TAP]  # (3 dy, 2 py, 3 dx, 2 px, Cin, F)
+  zero_row = jnp.zeros((4, cin, feat), kernel.dtype)
+  rows = jnp.stack([jnp.stack([kernel[t] if t < 4 else zero_row for t in _TAP[dy]])
+                    for dy in range(3)])  # (3 dy, 2 py, 4, Cin, F)
+  zero_col = jnp.zeros((3, 2, cin, feat), kernel.dtype)
+  taps = jnp.stack([jnp.stack([rows[:, :, t] if t < 4 else zero_col for t in _TAP[dx]], axis=2)
+                    for dx in range(3)], axis=2)  # (3 dy, 2 py, 3 dx, 2 px, Cin, F)
   taps = jnp.transpose(taps, (0, 2, 4, 1, 3, 5))  # (dy, dx, Cin, py, px, F)
   return taps.reshape(3, 3, cin, 4 * feat)
 
@@ -103,19 +108,20 @@ class SubpixelConvTranspose(nn.Module):
     return depth_to_space(y, self.features)
 
 
-# Phase p of an axis reads input offsets d = p - 1 + a (a in {0, 1}) with taps
-# _PHASE_TAPS[p][a]: the entries of _TAP's column p that are not the zero tap (4).
-_PHASE_TAPS = tuple(np.array([t for t in _TAP[:, p] if t != 4]) for p in range(2))
-_WINDOW_TAPS = np.stack(_PHASE_TAPS).T  # [a, p]: the tap of window offset a for phase p
-
-
 def phase_kernel(kernel: jax.Array) -> jax.Array:
   """Maps a (4, 4, Cin, F) transposed-conv kernel to a (2, 2, Cin, 4F) conv kernel:
-  window tap (a, c) of output phase (py, px), channel order (py, px, F)."""
+  window tap (a, c) of output phase (py, px), channel order (py, px, F).
+
+  Phase p of an axis reads input offsets d = p - 1 + a (a in {0, 1}); by ``_TAP``
+  (row d + 1, column p) that is tap 2a + p. So the mapping is a reshape of each
+  4-tap axis to (a, p) and a transpose, whose gradient is a transpose too. (Indexing
+  the kernel with a tap table instead compiles to a gather, whose gradient is a
+  scatter-add into zeros: 12% of the CPU step at batch 1, benchmarks/README.md.)
+  """
   kh, kw, cin, feat = kernel.shape
   if (kh, kw) != (4, 4):
     raise ValueError(f"phase_kernel expects a 4x4 kernel, got {kernel.shape}")
-  taps = kernel[_WINDOW_TAPS][:, :, _WINDOW_TAPS]  # (a, py, c, px, Cin, F)
+  taps = kernel.reshape(2, 2, 2, 2, cin, feat)  # (a, py, c, px, Cin, F)
   return jnp.transpose(taps, (0, 2, 4, 1, 3, 5)).reshape(2, 2, cin, 4 * feat)
 
 

@@ -49,6 +49,16 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
   assert m["d_total"] == pytest.approx(c.lambda0 * m["gan_d"] + c.gp_weight * m["r1"], rel=1e-5)
 
 
+def test_batchnorm_syncs_over_devices_only_when_there_are_several():
+  # On one device the sync is the identity, yet XLA runs each of its ~85 all-reduces
+  # per step (8-10% of the CPU step at batch 1), so create_states leaves it out there.
+  # With several devices it must stay: test_eight_devices_equal_one_device_with_eight_
+  # times_the_batch fails when it is dropped.
+  assert jax.device_count() == 1
+  g, _ = create_states(tiny_config(), init_key(0))
+  assert g.apply_fn.__self__.bn_axis_name is None
+
+
 def test_r1_of_mean_patch_logits_is_the_sum_form_over_patch_count_squared():
   # gp_logits='mean' differentiates each image's mean patch logit: exactly the 'sum'
   # form's gradient over h*w, so R1 is (h*w)^2 smaller (one branch; 32x32 -> 2x2 patches)

@@ -142,7 +142,14 @@ def create_states(config, rng: jax.Array) -> tuple[GenState, train_state.TrainSt
   gen, disc = make_generator(config, axis_name=None), make_discriminator(config)
   g_vars = jax.jit(lambda r: gen.init(r, jnp.zeros((1, s, s, 3)), train=False))(g_rng)
   d_vars = jax.jit(lambda r: disc.init(r, jnp.zeros((1, n, s, s, 3))))(d_rng)
-  g_state = GenState.create(apply_fn=make_generator(config).apply, params=g_vars["params"],
+  # BatchNorm syncs its batch statistics over the pmap axis; with one device in all
+  # that sync is the identity, but XLA still runs each of its ~85 all-reduces per step
+  # (8-10% of the CPU step at batch 1, benchmarks/README.md), so it is left out.
+  # pmap can span several devices only when there are several, so this never drops a
+  # sync that matters.
+  bn_axis = AXIS if jax.device_count() > 1 else None
+  g_state = GenState.create(apply_fn=make_generator(config, axis_name=bn_axis).apply,
+                            params=g_vars["params"],
                             batch_stats=g_vars["batch_stats"] if "batch_stats" in g_vars else {},
                             tx=make_generator_optimizer(config))
   d_state = train_state.TrainState.create(apply_fn=disc.apply, params=d_vars["params"],

@@ -13,6 +13,14 @@ read off these lines (2-core CPU, 2026-11-27: results/cpu_conv_sweep_2026-11-27.
 weight gradient (dw) timed apart for each form, with the up-convs in the 'phases' form
 (a 2x2 'VALID' conv of the 1-padded input to 4F channels;
 results/cpu_conv_pieces_2026-11-27.jsonl).
+
+``--winograd``: every 4x4 stride-2 conv at 128 px and ``--batch``, 'matmul' against
+Winograd's F(2x2, 2x2) (conv_impl='winograd' with its rule overridden, so that every
+such layer takes it; ``rule`` says whether the rule takes it), timed alternately
+(``--repeats`` rounds, medians): the gradients of a loss for the encoders' convs, and
+for the discriminators' also the R1 penalty's second-order gradient, as the step
+computes them. The thresholds of ``conv._winograd_pays`` were read off these lines
+and checked in the step (results/cpu_winograd_layers_2026-11-28.jsonl).
 """
 
 import argparse
@@ -91,13 +99,52 @@ def pieces(batch):
     print(json.dumps(row), flush=True)
 
 
+def winograd_layers(batch, repeats):
+  from sils_jax.models import conv
+  rule = conv._winograd_pays
+  conv._winograd_pays = lambda *args: True  # every layer here, to measure where the rule draws the line
+  rng = np.random.default_rng(0)
+  for kind, h, cin, cout, k, s in layers(128):
+    if (k, s) != (4, 2):
+      continue
+    x = jnp.asarray(rng.standard_normal((batch, h, h, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.1, jnp.float32)
+    fns = {}
+    for impl in ("matmul", "winograd"):
+      loss = lambda x, w, impl=impl: jnp.sum(jnp.sin(conv2d(x, w, (s, s), "SAME", impl)))
+      grads = jax.grad(loss, (0, 1))
+      if kind == "d":  # and R1's: the gradient of |dL/dx|^2
+        r1 = jax.grad(lambda x, w, loss=loss: jnp.sum(jax.grad(loss)(x, w) ** 2), (0, 1))
+        fns[impl] = jax.jit(lambda x, w, grads=grads, r1=r1: (grads(x, w), r1(x, w)))
+      else:
+        fns[impl] = jax.jit(grads)
+    outs = {impl: jax.tree.leaves(f(x, w)) for impl, f in fns.items()}
+    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) for a, b in zip(outs["matmul"], outs["winograd"]))
+    times = {impl: [] for impl in fns}
+    for _ in range(repeats):
+      for impl, f in fns.items():
+        t = time.perf_counter()
+        jax.block_until_ready(f(x, w))
+        times[impl].append((time.perf_counter() - t) * 1e3)
+    med = {impl: float(np.median(v)) for impl, v in times.items()}
+    used = rule((k, k, cin, cout), (s, s), batch * (h // s) ** 2, jnp.float32)
+    print(json.dumps(dict(S=128, B=batch, kind=kind, h=h, cin=cin, cout=cout, M=batch * (h // s) ** 2,
+                          r1=kind == "d", matmul_ms=round(med["matmul"], 2), winograd_ms=round(med["winograd"], 2),
+                          ratio=round(med["winograd"] / med["matmul"], 2), rule=used,
+                          max_rel_diff=float(f"{err:.2g}"))), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--pieces", action="store_true", help="forward, dx and dw apart, 128 px, phases up-convs")
+  p.add_argument("--winograd", action="store_true", help="4x4 stride-2 convs: matmul vs Winograd, 128 px")
   p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=9, help="--winograd: alternating timed calls per form")
   args = p.parse_args()
   if args.pieces:
     return pieces(args.batch)
+  if args.winograd:
+    return winograd_layers(args.batch, args.repeats)
   rng = np.random.default_rng(0)
   for size, batch in [(128, 1), (128, 8), (64, 1), (64, 8)]:
     for kind, h, cin, cout, k, s in layers(size):

@@ -60,10 +60,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.disc_branches = 1  # Sec. 4: 1 branch for synthetic data, 3 for real images
   c.disc_features = (32, 64, 128, 32)  # Sec. 4: each branch has 4 convs, 4x4, stride 2
   # How convolutions run (same maths and parameters): 'xla', 'matmul' (patches x
-  # matrix, fast on CPU for small feature maps), 'xla_pad' (XLA with the input
-  # channels zero-padded to a multiple of 4 / 8 for GPU tensor cores; not yet timed)
-  # or 'auto' (matmul on CPU where the map is small, XLA's convolution elsewhere); see
-  # sils_jax/models/conv.py.
+  # matrix, fast on CPU for small feature maps), 'winograd' (matmul, with the larger
+  # 4x4 stride-2 convs as Winograd's F(2x2, 2x2): 9/16 of their multiply-adds),
+  # 'xla_pad' (XLA with the input channels zero-padded to a multiple of 4 / 8 for GPU
+  # tensor cores; not yet timed) or 'auto' (winograd on CPU, XLA's convolution
+  # elsewhere); see sils_jax/models/conv.py.
   c.conv_impl = "auto"
   c.compute_dtype = "float32"  # activations/convs dtype: 'float32' or 'bfloat16' (params, optimizer state and losses stay float32)
   # How to normalise at evaluation: 'per_image' uses each image's own statistics,

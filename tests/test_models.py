@@ -175,7 +175,7 @@ def test_padded_conv_pads_16_bit_inputs_to_eight_channels():
 
 def test_conv_impl_does_not_change_the_model():
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
-  impls = ("matmul", "auto", "xla_pad")
+  impls = ("matmul", "auto", "xla_pad", "winograd")
   models = {impl: LayerSeparator(num_layers=2, conv_impl=impl) for impl in ("xla",) + impls}
   variables = models["xla"].init(jax.random.key(0), x)
   for impl in impls:  # the same parameter tree works for every impl
@@ -260,3 +260,69 @@ def test_matrix_conv_shift_form_keeps_16_bit_inputs_accurate_and_typed():
   # inputs rounded to bfloat16 give ref16; the output's own rounding is 2^-8 relative
   np.testing.assert_allclose(got.astype(jnp.float32), ref16, rtol=2 ** -8, atol=1e-2)
   assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) < 0.1
+
+
+# (input shape, output channels): 4x4 stride-2 convs that conv_impl='winograd' (and
+# 'auto' on CPU) runs as Winograd's F(2x2, 2x2) once they have enough positions
+# (``conv._winograd_pays``; the threshold is lowered here to keep the test small):
+# even and odd sizes (SAME padding, an odd tile count cropped after).
+_WINOGRAD_CASES = [((4, 16, 16, 16), 32), ((1, 33, 31, 16), 20)]
+
+
+@pytest.mark.parametrize("shape,cout", _WINOGRAD_CASES)
+def test_winograd_conv_equals_xla_conv_to_second_order(shape, cout, monkeypatch):
+  from sils_jax.models import conv
+  monkeypatch.setattr(conv, "WINOGRAD_MIN_POSITIONS", 1)
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (4, 4, shape[-1], cout)) * 0.1
+  b, h, wd, _ = shape
+  assert conv._winograd_pays(w.shape, (2, 2), b * -(-h // 2) * -(-wd // 2), x.dtype)
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, (2, 2), "SAME", impl)))
+
+  def r1(impl):
+    return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
+
+  np.testing.assert_allclose(conv.conv2d(x, w, (2, 2), "SAME", "winograd"),
+                             conv.conv2d(x, w, (2, 2), "SAME", "xla"), rtol=1e-5, atol=1e-5)
+  for fn, args in ((loss, (x, w)), (r1, (w, x))):
+    got = jax.jit(jax.grad(fn("winograd"), (0, 1)))(*args)
+    want = jax.grad(fn("xla"), (0, 1))(*args)
+    for a, b in zip(got, want):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 4), (1, 8, 8, 5), (1, 2, 3, 2)])
+def test_winograd_2x2_equals_the_valid_conv_and_its_transforms_are_adjoint(shape):
+  from sils_jax.models import conv
+  x = jax.random.normal(jax.random.key(0), shape)
+  k = jax.random.normal(jax.random.key(1), (2, 2, shape[-1], 6))
+  np.testing.assert_allclose(conv.winograd_2x2(x, k), conv.conv2d(x, k, (1, 1), "VALID", "xla"),
+                             rtol=1e-5, atol=1e-5)
+  # the hand-written transposes: <tile(x), u> == <x, untile(u)> for every axis
+  xo = jnp.pad(x, ((0, 0), (0, 1 - shape[1] % 2), (0, 1 - shape[2] % 2), (0, 0)))  # odd sizes
+  for axis in (1, 2):
+    t = conv._tile3(xo, axis)
+    u = jax.random.normal(jax.random.key(2), t.shape)
+    np.testing.assert_allclose(jnp.vdot(t, u), jnp.vdot(xo, conv._untile3(u, axis)), rtol=1e-5)
+
+
+def test_winograd_does_nine_sixteenths_of_the_products():
+  """The point of the form: fewer multiply-adds in the compiled conv (forward), and
+  conv_impl='auto' takes it on the CPU."""
+  from sils_jax.models import conv
+  x = jnp.ones((8, 64, 64, 32))
+  w = jnp.ones((4, 4, 32, 64))
+
+  def flops(impl):
+    cost = jax.jit(lambda x, w: conv.conv2d(x, w, (2, 2), "SAME", impl)).lower(x, w).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["flops"]
+  direct = 2 * 8 * 32 * 32 * 16 * 32 * 64  # the conv's multiply-adds, x2
+  assert flops("matmul") >= 0.99 * direct
+  assert flops("winograd") < 0.6 * direct
+  assert flops("auto") == flops("winograd")
+  # 16-bit inputs keep the matrix form (the transforms' sums would round in bfloat16)
+  assert not conv._winograd_pays(w.shape, (2, 2), 8 * 32 * 32, jnp.bfloat16)

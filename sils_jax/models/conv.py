@@ -1,4 +1,5 @@
-"""2-D convolution as XLA's convolution or as patches x matrix (im2col), same maths.
+"""2-D convolution as XLA's convolution, as patches x matrix (im2col) or as Winograd's
+F(2x2, 2x2), same maths.
 
 XLA:CPU runs convolutions, and above all their weight gradients, slowly when the
 feature map is small and the channels many: a 3x3 conv of a 2x2x256 map to 512
@@ -25,14 +26,27 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
             the encoders ran as an NCHW 'indexed' TF32 kernel taking 10.1 of the
             33.5 ms batch-64 step (benchmarks/README.md); this form is not timed on a
             GPU yet, so 'auto' does not pick it.
-  'auto'    'matmul' on the CPU backend, except for convolutions to few channels
+  'winograd' 'matmul', except for the 4x4 stride-2 float32 convs with at least
+            ``WINOGRAD_MIN_CHANNELS`` input channels that do not narrow them, over at
+            least ``WINOGRAD_MIN_POSITIONS`` output positions (at 128x128, batch 8:
+            the encoders' second and third convs and the discriminators' second and
+            third, the step's costliest: they also run in the R1 penalty's
+            second-order gradient). Those run as Winograd's F(2x2, 2x2)
+            (``winograd_2x2``) on their space-to-depth blocks: 9 products per 2x2
+            output tile instead of 16, so 9/16 of the multiply-adds, in one batched
+            matrix product; the transforms add and subtract only. In one process,
+            128x128, batch 8: 0.91-0.94 of the 'matmul' step (benchmarks/README.md).
+            Smaller maps (every conv at batch 1) and the up-convs measured slower in
+            this form, so they keep 'matmul'; the thin output conv takes XLA's, as
+            with 'auto'.
+  'auto'    'winograd' on the CPU backend, except for convolutions to few channels
             (< ``MATMUL_MIN_FEATURES``) over many output positions (batch x height x
             width > ``MATMUL_MAX_THIN_POSITIONS``): the output conv at 128x128 and
             batch 8, where XLA's convolution was faster than the patch matrix (the
             shift form measured the same as XLA's there in the step); 'xla' on
             every other backend.
 
-Both use the same kernel (kh, kw, Cin, Cout) and padding, so parameters, checkpoints
+All forms use the same kernel (kh, kw, Cin, Cout) and padding, so parameters, checkpoints
 and results are interchangeable (``tests/test_models.py`` checks values, gradients
 and second-order gradients of every form).
 """
@@ -46,13 +60,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "matmul", "xla_pad")
+IMPLS = ("auto", "xla", "matmul", "xla_pad", "winograd")
 # From the per-layer sweep in benchmarks/README.md (every conv of the synthetic model
 # at 64/128 px, batch 1/8): the matrix form was faster for most layers (up to 15x for
 # small maps with many channels) and clearly slower only for the 3-channel output
 # conv at >= 32768 positions (2-4x).
 MATMUL_MIN_FEATURES = 8
 MATMUL_MAX_THIN_POSITIONS = 16384
+# 'winograd' (benchmarks/README.md; `conv_sweep.py --winograd`): per layer (gradients,
+# and the R1 penalty's second-order gradient for the discriminators; 128x128, batch 8)
+# Winograd took 0.52 and 0.62 of 'matmul''s time for the discriminators' second and
+# third convs and 0.76-0.89 for the encoders' second to fourth, and lost for the
+# 3-channel first convs (1.17-1.59x) and the narrowing fourth discriminator conv. In
+# the step, taking it down to 256 positions (every such conv at batch 1 too) made
+# batch 1 slower (1.13x); from 2048 positions batch 8 ran at 0.91-0.94 and batch 1 is
+# unchanged.
+WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_MIN_POSITIONS = 2048
 
 
 def _pads(size: int, k: int, s: int, padding) -> tuple[int, int]:
@@ -68,12 +92,12 @@ def _pads(size: int, k: int, s: int, padding) -> tuple[int, int]:
 def resolve_impl(impl: str, positions: int, features: int) -> str:
   if impl not in IMPLS:
     raise ValueError(f"config.conv_impl must be one of {IMPLS}, got {impl!r}")
-  if impl != "auto":
+  if impl not in ("auto", "winograd"):
     return impl
-  if jax.default_backend() != "cpu":
+  if impl == "auto" and jax.default_backend() != "cpu":
     return "xla"
   thin = features < MATMUL_MIN_FEATURES and positions > MATMUL_MAX_THIN_POSITIONS
-  return "xla" if thin else "matmul"
+  return "xla" if thin else "winograd"
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: str = "SAME",
@@ -96,10 +120,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   if resolved == "xla":
     return jax.lax.conv_general_dilated(x, kernel, tuple(strides), ((pt, pb), (pl, pr)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  wino = resolved == "winograd" and _winograd_pays(kernel.shape, strides, b * ho * wo, x.dtype)
   if kh == kw == 1 and sh == sw == 1:
     return x @ kernel.reshape(cin, cout)
   if (sh, sw) != (1, 1) and kh % sh == 0 and kw % sw == 0:
-    return _strided_as_space_to_depth(x, kernel, (sh, sw), ((pt, pb), (pl, pr)), (ho, wo))
+    return _strided_as_space_to_depth(x, kernel, (sh, sw), ((pt, pb), (pl, pr)), (ho, wo), wino)
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   if (sh, sw) == (1, 1):
     return window_matmul(xp, kernel.reshape(kh * kw * cin, cout), kh, kw, 1)
@@ -109,8 +134,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
+def _winograd_pays(kernel_shape: Sequence[int], strides: Sequence[int], positions: int, dtype) -> bool:
+  kh, kw, cin, cout = kernel_shape
+  return ((kh, kw) == (4, 4) and tuple(strides) == (2, 2) and cin >= WINOGRAD_MIN_CHANNELS
+          and cout >= cin and positions >= WINOGRAD_MIN_POSITIONS and jnp.dtype(dtype).itemsize == 4)
+
+
 def _strided_as_space_to_depth(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                               pads: Sequence[tuple[int, int]], out_hw: tuple[int, int]) -> jax.Array:
+                               pads: Sequence[tuple[int, int]], out_hw: tuple[int, int],
+                               wino: bool = False) -> jax.Array:
   """A (kh, kw) conv with strides (sh, sw) dividing the kernel, as a stride-1
   (kh/sh, kw/sw) conv of the padded input's space-to-depth (sh*sw*Cin channels).
 
@@ -132,6 +164,9 @@ def _strided_as_space_to_depth(x: jax.Array, kernel: jax.Array, strides: Sequenc
   xp = xp[:, :hb * sh, :wb * sw]
   xp = jnp.pad(xp, ((0, 0), (0, hb * sh - xp.shape[1]), (0, wb * sw - xp.shape[2]), (0, 0)))
   blocks = xp.reshape(b, hb, sh, wb, sw, cin).transpose(0, 1, 3, 2, 4, 5).reshape(b, hb, wb, sh * sw * cin)
+  if wino:  # 2x2 taps (a, b), each a (4 Cin, F) block in the blocks' channel order (p, q, c)
+    taps = kernel.reshape(ka, sh, kb, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+    return winograd_2x2(blocks, taps.reshape(ka, kb, sh * sw * cin, cout))
   # patch channels in the kernel's own order (i, j, c) = (a, p, b, q, c): sh pieces
   # per window, so that the kernel is only reshaped (a transposed copy of it costs
   # more than the extra pieces at batch 1)
@@ -197,6 +232,74 @@ def window_matmul(xp: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) 
   tensor is built for them either. Same products and sums in every form.
   """
   return _window_matmul(xp, kmat, ka, kb, split, _narrows(kmat, ka, kb))
+
+
+def _pad_axis(x: jax.Array, axis: int, lo: int, hi: int) -> jax.Array:
+  return jnp.pad(x, [(lo, hi) if i == axis else (0, 0) for i in range(x.ndim)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tile3(x: jax.Array, axis: int) -> jax.Array:
+  """Winograd F(2, 2)'s input transform along ``axis`` (size 2n + 1): tile i's rows
+  (d0, d1, d2) = (2i, 2i+1, 2i+2) -> (d0 - d1, d1, d2 - d1), stacked in a new
+  leading axis: (3, ..., n, ...)."""
+  n = (x.shape[axis] - 1) // 2
+  d0, d1, d2 = (jax.lax.slice_in_dim(x, t, t + 2 * n - 1, 2, axis) for t in range(3))
+  return jnp.stack([d0 - d1, d1, d2 - d1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _untile3(u: jax.Array, axis: int) -> jax.Array:
+  """The transpose of ``_tile3``: even row 2i gets u0 of tile i and u2 of tile i - 1,
+  odd row 2i + 1 gets u1 - u0 - u2 of tile i; written as one interleave, where
+  autodiff would pad every strided slice to full size and add them."""
+  u0, u1, u2 = u[0], u[1], u[2]
+  n = u0.shape[axis]
+  even = _pad_axis(u0, axis, 0, 1) + _pad_axis(u2, axis, 1, 0)
+  odd = _pad_axis(u1 - u0 - u2, axis, 0, 1)
+  shape = list(even.shape)
+  shape[axis] = 2 * n + 2
+  y = jnp.stack([even, odd], axis=axis + 1).reshape(shape)
+  return jax.lax.slice_in_dim(y, 0, 2 * n + 1, axis=axis)
+
+
+# Each is linear and the other's transpose, so each one's gradient is the other, to
+# any order (the R1 penalty differentiates the input gradient again).
+_tile3.defvjp(lambda x, axis: (_tile3(x, axis), None), lambda axis, _, g: (_untile3(g, axis),))
+_untile3.defvjp(lambda u, axis: (_untile3(u, axis), None), lambda axis, _, g: (_tile3(g, axis),))
+
+
+def _untile2(mm: jax.Array, axis: int) -> jax.Array:
+  """Winograd F(2, 2)'s output transform: (m0, m1, m2) in the leading axis -> rows
+  (2i, 2i+1) = (m0 + m1, m1 + m2) along ``axis`` of the result (counted without
+  the leading axis)."""
+  shape = list(mm.shape[1:])
+  shape[axis] *= 2
+  return jnp.stack([mm[0] + mm[1], mm[1] + mm[2]], axis=axis + 1).reshape(shape)
+
+
+def winograd_2x2(xp: jax.Array, k: jax.Array) -> jax.Array:
+  """The stride-1 'VALID' 2x2 convolution of ``xp`` (B, Hp, Wp, C) with ``k``
+  (2, 2, C, F), as Winograd's F(2x2, 2x2): 9 products per 2x2 output tile instead of
+  16, as one matrix product batched over the 9 (B*tiles, C) @ (C, F) pieces, with
+  transforms whose coefficients are 0 and +-1 (no division, so no rounding beyond
+  the sums').
+
+  Per axis: y0 = d0 g0 + d1 g1 and y1 = d1 g0 + d2 g1 are m0 + m1 and m1 + m2, where
+  m0 = (d0 - d1) g0, m1 = d1 (g0 + g1), m2 = (d2 - d1) g1.
+  """
+  bsz, hp, wp, c = xp.shape
+  f = k.shape[-1]
+  ho, wo = hp - 1, wp - 1
+  n, m = -(-ho // 2), -(-wo // 2)
+  if (2 * n + 1, 2 * m + 1) != (hp, wp):  # odd output: one more row / column, cropped below
+    xp = jnp.pad(xp, ((0, 0), (0, 2 * n + 1 - hp), (0, 2 * m + 1 - wp), (0, 0)))
+  u = _tile3(_tile3(xp, 2), 2)  # columns, then rows: (3 rows, 3 cols, B, n, m, C)
+  g = jnp.stack([k[0], k[0] + k[1], k[1]])  # the kernel's transform, rows: (3, 2 cols, C, F)
+  v = jnp.stack([g[:, 0], g[:, 0] + g[:, 1], g[:, 1]], axis=1)  # (3 rows, 3 cols, C, F)
+  mm = jax.lax.dot_general(u.reshape(9, bsz * n * m, c), v.reshape(9, c, f), (((2,), (1,)), ((0,), (0,))))
+  y = _untile2(_untile2(mm.reshape(3, 3, bsz, n, m, f), 2), 2)  # rows, then columns: (B, 2n, 2m, F)
+  return y[:, :ho, :wo]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

@@ -135,6 +135,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
 
 
 def _winograd_pays(kernel_shape: Sequence[int], strides: Sequence[int], positions: int, dtype) -> bool:
+  """Whether 'winograd' runs this conv as ``winograd_2x2`` (the rule and its
+  measurements: the module doc and the thresholds' comment above)."""
   kh, kw, cin, cout = kernel_shape
   return ((kh, kw) == (4, 4) and tuple(strides) == (2, 2) and cin >= WINOGRAD_MIN_CHANNELS
           and cout >= cin and positions >= WINOGRAD_MIN_POSITIONS and jnp.dtype(dtype).itemsize == 4)

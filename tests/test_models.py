@@ -212,32 +212,38 @@ _WINDOW_CASES = [
 ]
 
 
-def test_matrix_conv_forms_equal_xla_conv_to_second_order():
+def _assert_equals_xla_conv_to_second_order(impl, x, w, strides, padding):
   """Values, gradients and the R1-style second-order gradient (of |dL/dx|^2 with
-  respect to both inputs), jitted, against XLA's convolution; and the cases cover
-  every (forward form, input-gradient form) pair."""
+  respect to both inputs) of conv2d(impl), jitted, against XLA's convolution."""
+  from sils_jax.models import conv
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, impl)))
+
+  def r1(impl):
+    return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
+
+  out = conv.conv2d(x, w, strides, padding, impl)
+  np.testing.assert_allclose(out, conv.conv2d(x, w, strides, padding, "xla"), rtol=1e-5, atol=1e-5)
+  for fn, args in ((loss, (x, w)), (r1, (w, x))):
+    got = jax.jit(jax.grad(fn(impl), (0, 1)))(*args)
+    want = jax.grad(fn("xla"), (0, 1))(*args)
+    for a, b in zip(got, want):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  return out
+
+
+def test_matrix_conv_forms_equal_xla_conv_to_second_order():
+  """Every matrix form against XLA's convolution to the second order; and the cases
+  cover every (forward form, input-gradient form) pair."""
   from sils_jax.models import conv
   seen = set()
   for shape, kernel, strides, padding, cout in _WINDOW_CASES:
     kx, kw = jax.random.split(jax.random.key(len(seen)))
     x = jax.random.normal(kx, shape)
     w = jax.random.normal(kw, kernel + (shape[-1], cout)) * 0.3
-
-    def loss(impl):
-      return lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, impl)))
-
-    def r1(impl):
-      return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
-
-    out = conv.conv2d(x, w, strides, padding, "matmul")
-    np.testing.assert_allclose(out, conv.conv2d(x, w, strides, padding, "xla"), rtol=1e-5, atol=1e-5)
-    for fn in (loss, r1):
-      args = (x, w) if fn is loss else (w, x)
-      got = jax.jit(jax.grad(fn("matmul"), (0, 1)))(*args)
-      want = jax.grad(fn("xla"), (0, 1))(*args)
-      for a, b in zip(got, want):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    out = _assert_equals_xla_conv_to_second_order("matmul", x, w, strides, padding)
     s = strides[0]
     ka = kernel[0] // s
     kmat = jnp.zeros((ka * ka * s * s * shape[-1], cout))  # the blocked frame's kernel matrix
@@ -277,21 +283,7 @@ def test_winograd_conv_equals_xla_conv_to_second_order(shape, cout, monkeypatch)
   w = jax.random.normal(jax.random.key(1), (4, 4, shape[-1], cout)) * 0.1
   b, h, wd, _ = shape
   assert conv._winograd_pays(w.shape, (2, 2), b * -(-h // 2) * -(-wd // 2), x.dtype)
-
-  def loss(impl):
-    return lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, (2, 2), "SAME", impl)))
-
-  def r1(impl):
-    return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
-
-  np.testing.assert_allclose(conv.conv2d(x, w, (2, 2), "SAME", "winograd"),
-                             conv.conv2d(x, w, (2, 2), "SAME", "xla"), rtol=1e-5, atol=1e-5)
-  for fn, args in ((loss, (x, w)), (r1, (w, x))):
-    got = jax.jit(jax.grad(fn("winograd"), (0, 1)))(*args)
-    want = jax.grad(fn("xla"), (0, 1))(*args)
-    for a, b in zip(got, want):
-      assert a.shape == b.shape
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  _assert_equals_xla_conv_to_second_order("winograd", x, w, (2, 2), "SAME")
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 7, 4), (1, 8, 8, 5), (1, 2, 3, 2)])

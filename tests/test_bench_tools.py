@@ -119,6 +119,32 @@ def test_ab_step_summary_ratios_and_metric_differences():
   assert ab_step.max_rel_diff({**ref, "loss": np.float32(np.nan)}, ref) == (np.inf, "loss")
 
 
+def test_ab_transposes_swaps_in_the_plain_functions_and_restores_them():
+  """The benchmark's 'autodiff' variant: the same conv to the second order, traced
+  without the hand-written transposes; everything is put back afterwards."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import ab_transposes
+  from sils_jax.models import conv, upsample
+  modules = {"conv": conv, "upsample": upsample}
+  before = {name: getattr(modules[m], name) for m, name in ab_transposes.SWAPPED}
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (4, 4, 16, 4)) * 0.1  # narrowing: shift form, scatter
+
+  def r1(w):
+    return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(conv.conv2d(x, w, (2, 2), "SAME", "matmul"))))(x) ** 2)
+  hand = jax.grad(r1)(w)
+  with ab_transposes.autodiff_transposes():
+    for m, name in ab_transposes.SWAPPED:
+      assert getattr(modules[m], name) is before[name].fun
+    plain = jax.grad(r1)(w)
+    plain_jaxpr = str(jax.make_jaxpr(jax.grad(r1))(w))
+  assert {name: getattr(modules[m], name) for m, name in ab_transposes.SWAPPED} == before
+  np.testing.assert_allclose(plain, hand, rtol=1e-5, atol=1e-6)
+  assert str(jax.make_jaxpr(jax.grad(r1))(w)) != plain_jaxpr
+
+
 def test_streams_vmap_difference_is_relative_per_leaf_and_nan_is_infinite():
   import numpy as np
   from benchmarks import streams_vmap

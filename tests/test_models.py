@@ -301,6 +301,39 @@ def test_winograd_2x2_equals_the_valid_conv_and_its_transforms_are_adjoint(shape
     np.testing.assert_allclose(jnp.vdot(t, u), jnp.vdot(xo, conv._untile3(u, axis)), rtol=1e-5)
 
 
+def _linear_pairs():
+  """(name, f, its hand-written transpose, static arguments, input shape): the linear
+  maps of the conv forms whose gradients are written out, each the other's custom VJP."""
+  from sils_jax.models import conv, upsample
+  return [
+      ("patches", conv._patches, conv._col2im, (2, 2, 2), (2, 6, 5, 6)),
+      ("patches 3x3", conv._patches, conv._col2im, (3, 3, 1), (1, 7, 8, 3)),
+      ("shifted sum", conv._shifted_sum, conv._shifted_stack, (2, 3), (2, 5, 6, 6, 4)),
+      ("phases", upsample.interleave_phases, upsample.scatter_phases, (), (2, 4, 6, 2, 2, 3)),
+      ("tile3 rows", conv._tile3, conv._untile3, (1,), (2, 7, 4, 3)),
+      ("tile3 columns", conv._tile3, conv._untile3, (2,), (2, 4, 5, 3)),
+      ("untile2 rows", conv._untile2, conv._tile2, (1,), (3, 2, 3, 4, 5)),
+      ("untile2 columns", conv._untile2, conv._tile2, (2,), (3, 2, 3, 4, 5)),
+  ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_hand_written_transposes_are_adjoint_and_equal_autodiff(case):
+  """<f(x), y> == <x, f^T(y)>, and f's gradient (f^T, and f^T's gradient f) is what
+  autodiff of the plain function gives, so every order of the conv's gradients is
+  exact (the R1 penalty differentiates input gradients again)."""
+  name, f, ft, static, shape = _linear_pairs()[case]
+  x = jax.random.normal(jax.random.key(0), shape)
+  fx = f(x, *static)
+  y = jax.random.normal(jax.random.key(1), fx.shape)
+  assert ft(y, *static).shape == x.shape, name
+  np.testing.assert_allclose(jnp.vdot(fx, y), jnp.vdot(x, ft(y, *static)), rtol=1e-5, err_msg=name)
+  for fn, arg, cot in ((f, x, y), (ft, y, x)):
+    got = jax.vjp(lambda v: fn(v, *static), arg)[1](cot)[0]
+    want = jax.vjp(lambda v: fn.fun(v, *static), arg)[1](cot)[0]  # autodiff of the plain function
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_winograd_does_nine_sixteenths_of_the_products():
   """The point of the form: fewer multiply-adds in the compiled conv (forward), and
   conv_impl='auto' takes it on the CPU."""

@@ -19,7 +19,14 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
             gradient is either the patch gradient added back or a correlation of
             the output gradient, whichever moves fewer channels. All of these are
             written out in a ``custom_vjp`` whose backward pass is differentiable
-            again (the discriminators' R1 penalty).
+            again (the discriminators' R1 penalty). The linear rearrangements they
+            are built from (``_patches`` and its adding-back ``_col2im``, the shift
+            form's ``_shifted_sum``, Winograd's transforms) come in pairs, each the
+            other's transpose and custom VJP. Autodiff's transpose of a slice is a
+            zero-padded tensor of the full size, so its transpose of a gather of
+            k taps added k full-size tensors where one stacked write does; the R1
+            penalty's second-order gradient runs through every one of them
+            (benchmarks/README.md: the step in 0.92-0.95 of the time, same values).
   'xla_pad' XLA's convolution with the input channels zero-padded (input and kernel)
             to a multiple of 4 (8 for 16-bit dtypes): same values, and the shape
             cuDNN's tensor-core kernels need. On an H200 the 3-channel first convs of
@@ -175,6 +182,7 @@ def _strided_as_space_to_depth(x: jax.Array, kernel: jax.Array, strides: Sequenc
   return window_matmul(blocks, kernel.reshape(kh * kw * cin, cout), ka, kb, sh)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _patches(xp: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
   """(B, Hp, Wp, C) -> (B, Hp-ka+1, Wp-kb+1, ka*kb*C): for window offset a, channel
   piece p (of ``split`` equal pieces), window offset b, that piece; order (a, p, b, c')."""
@@ -184,6 +192,7 @@ def _patches(xp: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
                           for a in range(ka) for p in range(split) for b in range(kb)], axis=-1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _col2im(dpatches: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
   """The transpose of ``_patches``: adds every patch entry back where it was read."""
   bsz, ho, wo, k = dpatches.shape
@@ -192,6 +201,16 @@ def _col2im(dpatches: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
   return sum(jnp.pad(d[:, :, :, a, :, b].reshape(bsz, ho, wo, split * q),
                      ((0, 0), (a, ka - 1 - a), (b, kb - 1 - b), (0, 0)))
              for a in range(ka) for b in range(kb))
+
+
+# Each is linear and the other's transpose, so each one's gradient is the other, to any
+# order. Autodiff's transpose of ``_col2im`` (met in the R1 penalty's second-order
+# gradient) would zero-pad every tap's slice to the full patch width and add them: ka*kb
+# patch-sized tensors where ``_patches`` writes one.
+_patches.defvjp(lambda xp, ka, kb, split: (_patches(xp, ka, kb, split), None),
+                lambda ka, kb, split, _, g: (_col2im(g, ka, kb, split),))
+_col2im.defvjp(lambda d, ka, kb, split: (_col2im(d, ka, kb, split), None),
+               lambda ka, kb, split, _, g: (_patches(g, ka, kb, split),))
 
 
 def _narrows(kmat: jax.Array, ka: int, kb: int) -> bool:
@@ -220,9 +239,31 @@ def _shift_form(xp: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) ->
   # would accumulate them, then rounded once
   acc = jnp.float32 if jnp.dtype(xp.dtype).itemsize < 4 else None
   z = jnp.matmul(xp, _shift_kernel(kmat, ka, kb, split), preferred_element_type=acc)
-  z = z.reshape(bsz, hp, wp, ka * kb, f)
-  y = sum(z[:, a:a + ho, b:b + wo, a * kb + b] for a in range(ka) for b in range(kb))
+  y = _shifted_sum(z.reshape(bsz, hp, wp, ka * kb, f), ka, kb)
   return y.astype(jnp.result_type(xp.dtype, kmat.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _shifted_sum(z: jax.Array, ka: int, kb: int) -> jax.Array:
+  """(B, Hp, Wp, ka*kb, F) -> (B, Hp-ka+1, Wp-kb+1, F): the sum over taps (a, b) of
+  tap a*kb + b's map shifted by (a, b)."""
+  ho, wo = z.shape[1] - ka + 1, z.shape[2] - kb + 1
+  return sum(z[:, a:a + ho, b:b + wo, a * kb + b] for a in range(ka) for b in range(kb))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _shifted_stack(y: jax.Array, ka: int, kb: int) -> jax.Array:
+  """The transpose of ``_shifted_sum``: tap (a, b)'s slot holds ``y`` shifted back by
+  (a, b), zero-padded. One stacked write, where autodiff's transpose adds ka*kb
+  tensors of the full (Hp, Wp, ka*kb, F) size, each zero but in one tap's slot."""
+  return jnp.stack([jnp.pad(y, ((0, 0), (a, ka - 1 - a), (b, kb - 1 - b), (0, 0)))
+                    for a in range(ka) for b in range(kb)], axis=3)
+
+
+_shifted_sum.defvjp(lambda z, ka, kb: (_shifted_sum(z, ka, kb), None),
+                    lambda ka, kb, _, g: (_shifted_stack(g, ka, kb),))
+_shifted_stack.defvjp(lambda y, ka, kb: (_shifted_stack(y, ka, kb), None),
+                      lambda ka, kb, _, g: (_shifted_sum(g, ka, kb),))
 
 
 def window_matmul(xp: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
@@ -271,6 +312,7 @@ _tile3.defvjp(lambda x, axis: (_tile3(x, axis), None), lambda axis, _, g: (_unti
 _untile3.defvjp(lambda u, axis: (_untile3(u, axis), None), lambda axis, _, g: (_tile3(g, axis),))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _untile2(mm: jax.Array, axis: int) -> jax.Array:
   """Winograd F(2, 2)'s output transform: (m0, m1, m2) in the leading axis -> rows
   (2i, 2i+1) = (m0 + m1, m1 + m2) along ``axis`` of the result (counted without
@@ -278,6 +320,22 @@ def _untile2(mm: jax.Array, axis: int) -> jax.Array:
   shape = list(mm.shape[1:])
   shape[axis] *= 2
   return jnp.stack([mm[0] + mm[1], mm[1] + mm[2]], axis=axis + 1).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tile2(y: jax.Array, axis: int) -> jax.Array:
+  """The transpose of ``_untile2``: rows (2i, 2i+1) = (e, o) -> (e, e + o, o) in a new
+  leading axis; one stacked write, where autodiff's transpose adds four tensors of
+  the full (3, ...) size."""
+  shape = list(y.shape)
+  shape[axis:axis + 1] = [shape[axis] // 2, 2]
+  y = y.reshape(shape)
+  e, o = (jax.lax.index_in_dim(y, t, axis + 1, keepdims=False) for t in range(2))
+  return jnp.stack([e, e + o, o])
+
+
+_untile2.defvjp(lambda mm, axis: (_untile2(mm, axis), None), lambda axis, _, g: (_tile2(g, axis),))
+_tile2.defvjp(lambda y, axis: (_tile2(y, axis), None), lambda axis, _, g: (_untile2(g, axis),))
 
 
 def winograd_2x2(xp: jax.Array, k: jax.Array) -> jax.Array:

@@ -140,8 +140,34 @@ def phase_conv_transpose(x: jax.Array, kernel: jax.Array, conv_impl: str = "auto
   feat = kernel.shape[-1]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   z = conv2d(xp, phase_kernel(kernel), (1, 1), "VALID", conv_impl).reshape(b, h + 1, w + 1, 2, 2, feat)
+  return interleave_phases(z)
+
+
+@jax.custom_vjp
+def interleave_phases(z: jax.Array) -> jax.Array:
+  """(B, H + 1, W + 1, 2, 2, F) window grids of the four phases -> (B, 2H, 2W, F):
+  output (2m + py, 2n + px) is phase (py, px)'s window (m + py, n + px)."""
+  b, h, w, _, _, feat = z.shape
+  h, w = h - 1, w - 1
   rows = [jnp.stack([z[:, py:py + h, px:px + w, py, px] for px in range(2)], axis=3) for py in range(2)]
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, feat)  # (b, h, py, w, px, F)
+
+
+@jax.custom_vjp
+def scatter_phases(y: jax.Array) -> jax.Array:
+  """The transpose of ``interleave_phases``: each output pixel back to its phase's
+  window, zeros in the row and column of windows its phase does not reach. One
+  stacked write, where autodiff's transpose adds four tensors of the full (H + 1,
+  W + 1, 2, 2, F) size, each zero but in its phase's slot."""
+  b, h2, w2, feat = y.shape
+  y = y.reshape(b, h2 // 2, 2, w2 // 2, 2, feat)
+  return jnp.stack([jnp.stack([jnp.pad(y[:, :, py, :, px], ((0, 0), (py, 1 - py), (px, 1 - px), (0, 0)))
+                               for px in range(2)], axis=3) for py in range(2)], axis=3)
+
+
+# Each is linear and the other's transpose, so each one's gradient is the other, to any order.
+interleave_phases.defvjp(lambda z: (interleave_phases(z), None), lambda _, g: (scatter_phases(g),))
+scatter_phases.defvjp(lambda y: (scatter_phases(y), None), lambda _, g: (interleave_phases(g),))
 
 
 def resolve_upsample(impl: str) -> str:

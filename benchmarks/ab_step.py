@@ -41,14 +41,20 @@ from benchmarks import train_step  # noqa: E402
 FLAGS = flags.FLAGS
 
 
+def define_timing_flags(batch: int = 1, rounds: int = 5, steps: int = 5):
+  """--config, --batch, --image_size, --rounds, --steps, --warmup (with these
+  defaults); also used by ab_transposes.py."""
+  config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
+  flags.DEFINE_integer("batch", batch, "Global batch size (must divide by the device count).")
+  flags.DEFINE_integer("image_size", 0, "Image size (0: the config's).")
+  flags.DEFINE_integer("rounds", rounds, "Rounds; each times every variant once.")
+  flags.DEFINE_integer("steps", steps, "Synchronised steps per variant per round.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+
+
 def _define_flags():
   """Defined when run as a script, so that tests can import the helpers below."""
-  config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
-  flags.DEFINE_integer("batch", 1, "Global batch size (must divide by the device count).")
-  flags.DEFINE_integer("image_size", 0, "Image size (0: the config's).")
-  flags.DEFINE_integer("rounds", 5, "Rounds; each times every variant once.")
-  flags.DEFINE_integer("steps", 5, "Synchronised steps per variant per round.")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+  define_timing_flags()
   flags.DEFINE_multi_string("variant", [], "NAME:ITEM,ITEM,... (see the module doc); at least two.")
 
 
@@ -141,6 +147,19 @@ def run_steps(s: dict, n: int, timed: bool) -> list[float]:
   return times
 
 
+def time_rounds(states: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+  """Round-robin timing of compiled variants (``build``'s dicts, warmed up): in each
+  round every variant runs ``steps`` synchronised steps; prints one JSON line per
+  round and returns each variant's round medians (ms)."""
+  import numpy as np
+  round_ms = {name: [] for name in states}
+  for r in range(rounds):
+    for name, s in states.items():
+      round_ms[name].append(float(np.median(run_steps(s, steps, timed=True))))
+    print(json.dumps({"round": r, **{n: round(ms[-1], 1) for n, ms in round_ms.items()}}), flush=True)
+  return round_ms
+
+
 def main(argv):
   del argv
   import jax
@@ -173,11 +192,7 @@ def main(argv):
         raise
       raise app.UsageError(f"--variant={name} (compiler options {options}): {e}") from None
     run_steps(states[name], FLAGS.warmup, timed=False)
-  round_ms = {name: [] for name in states}
-  for r in range(FLAGS.rounds):
-    for name, s in states.items():
-      round_ms[name].append(float(np.median(run_steps(s, FLAGS.steps, timed=True))))
-    print(json.dumps({"round": r, **{n: round(ms[-1], 1) for n, ms in round_ms.items()}}), flush=True)
+  round_ms = time_rounds(states, FLAGS.rounds, FLAGS.steps)
   ref = {k: np.asarray(v) for k, v in next(iter(states.values()))["metrics"].items()}
   dev = jax.local_devices()[0]
   rows = summarise(round_ms)

@@ -18,7 +18,6 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmarks import ab_step  # noqa: E402
@@ -57,11 +56,7 @@ def main(argv):
     with ctx():  # the functions are looked up while the step is traced, in build
       states[name] = ab_step.build(config.copy_and_resolve_references(), FLAGS.batch, {})
     ab_step.run_steps(states[name], FLAGS.warmup, timed=False)
-  round_ms = {name: [] for name in states}
-  for r in range(FLAGS.rounds):
-    for name, s in states.items():
-      round_ms[name].append(float(np.median(ab_step.run_steps(s, FLAGS.steps, timed=True))))
-    print(json.dumps({"round": r, **{n: round(ms[-1], 1) for n, ms in round_ms.items()}}), flush=True)
+  round_ms = ab_step.time_rounds(states, FLAGS.rounds, FLAGS.steps)
   ref = {k: np.asarray(v) for k, v in states["autodiff"]["metrics"].items()}
   rows = ab_step.summarise(round_ms)
   for name, row in rows.items():
@@ -74,10 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
-  flags.DEFINE_integer("batch", 8, "Global batch size (must divide by the device count).")
-  flags.DEFINE_integer("image_size", 0, "Image size (0: the config's).")
-  flags.DEFINE_integer("rounds", 20, "Rounds; each times both variants once.")
-  flags.DEFINE_integer("steps", 2, "Synchronised steps per variant per round.")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+  ab_step.define_timing_flags(batch=8, rounds=20, steps=2)
   app.run(main)

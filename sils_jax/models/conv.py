@@ -182,6 +182,18 @@ def _strided_as_space_to_depth(x: jax.Array, kernel: jax.Array, strides: Sequenc
   return window_matmul(blocks, kernel.reshape(kh * kw * cin, cout), ka, kb, sh)
 
 
+def transpose_pair(f, ft) -> None:
+  """Declares the linear maps ``f`` and ``ft`` (``custom_vjp`` functions of one array
+  followed by their static arguments) each other's transpose: the VJP of each is the
+  other, so every order of gradient through them stays a single rearrangement.
+  Autodiff's transpose of a slice is a zero-padded tensor of the full size, so its
+  transpose of k taps read side by side (or k shifted slices added) would add k
+  full-size tensors where one stacked write does."""
+  for a, b in ((f, ft), (ft, f)):
+    # bwd gets (*static, residual, cotangent)
+    a.defvjp(lambda x, *static, a=a: (a(x, *static), None), lambda *args, b=b: (b(args[-1], *args[:-2]),))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _patches(xp: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
   """(B, Hp, Wp, C) -> (B, Hp-ka+1, Wp-kb+1, ka*kb*C): for window offset a, channel
@@ -203,14 +215,8 @@ def _col2im(dpatches: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
              for a in range(ka) for b in range(kb))
 
 
-# Each is linear and the other's transpose, so each one's gradient is the other, to any
-# order. Autodiff's transpose of ``_col2im`` (met in the R1 penalty's second-order
-# gradient) would zero-pad every tap's slice to the full patch width and add them: ka*kb
-# patch-sized tensors where ``_patches`` writes one.
-_patches.defvjp(lambda xp, ka, kb, split: (_patches(xp, ka, kb, split), None),
-                lambda ka, kb, split, _, g: (_col2im(g, ka, kb, split),))
-_col2im.defvjp(lambda d, ka, kb, split: (_col2im(d, ka, kb, split), None),
-               lambda ka, kb, split, _, g: (_patches(g, ka, kb, split),))
+# ``_col2im``'s transpose is met in the R1 penalty's second-order gradient
+transpose_pair(_patches, _col2im)
 
 
 def _narrows(kmat: jax.Array, ka: int, kb: int) -> bool:
@@ -260,10 +266,7 @@ def _shifted_stack(y: jax.Array, ka: int, kb: int) -> jax.Array:
                     for a in range(ka) for b in range(kb)], axis=3)
 
 
-_shifted_sum.defvjp(lambda z, ka, kb: (_shifted_sum(z, ka, kb), None),
-                    lambda ka, kb, _, g: (_shifted_stack(g, ka, kb),))
-_shifted_stack.defvjp(lambda y, ka, kb: (_shifted_stack(y, ka, kb), None),
-                      lambda ka, kb, _, g: (_shifted_sum(g, ka, kb),))
+transpose_pair(_shifted_sum, _shifted_stack)
 
 
 def window_matmul(xp: jax.Array, kmat: jax.Array, ka: int, kb: int, split: int) -> jax.Array:
@@ -306,10 +309,7 @@ def _untile3(u: jax.Array, axis: int) -> jax.Array:
   return jax.lax.slice_in_dim(y, 0, 2 * n + 1, axis=axis)
 
 
-# Each is linear and the other's transpose, so each one's gradient is the other, to
-# any order (the R1 penalty differentiates the input gradient again).
-_tile3.defvjp(lambda x, axis: (_tile3(x, axis), None), lambda axis, _, g: (_untile3(g, axis),))
-_untile3.defvjp(lambda u, axis: (_untile3(u, axis), None), lambda axis, _, g: (_tile3(g, axis),))
+transpose_pair(_tile3, _untile3)  # the R1 penalty differentiates the input gradient again
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -334,8 +334,7 @@ def _tile2(y: jax.Array, axis: int) -> jax.Array:
   return jnp.stack([e, e + o, o])
 
 
-_untile2.defvjp(lambda mm, axis: (_untile2(mm, axis), None), lambda axis, _, g: (_tile2(g, axis),))
-_tile2.defvjp(lambda y, axis: (_tile2(y, axis), None), lambda axis, _, g: (_untile2(g, axis),))
+transpose_pair(_untile2, _tile2)
 
 
 def winograd_2x2(xp: jax.Array, k: jax.Array) -> jax.Array:

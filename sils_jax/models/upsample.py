@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sils_jax.models.conv import conv2d
+from sils_jax.models.conv import conv2d, transpose_pair
 
 UPSAMPLE_IMPLS = ("auto", "subpixel", "phases", "transpose")
 
@@ -165,9 +165,7 @@ def scatter_phases(y: jax.Array) -> jax.Array:
                                for px in range(2)], axis=3) for py in range(2)], axis=3)
 
 
-# Each is linear and the other's transpose, so each one's gradient is the other, to any order.
-interleave_phases.defvjp(lambda z: (interleave_phases(z), None), lambda _, g: (scatter_phases(g),))
-scatter_phases.defvjp(lambda y: (scatter_phases(y), None), lambda _, g: (interleave_phases(g),))
+transpose_pair(interleave_phases, scatter_phases)
 
 
 def resolve_upsample(impl: str) -> str:

@@ -43,13 +43,14 @@ FLAGS = flags.FLAGS
 
 def define_timing_flags(batch: int = 1, rounds: int = 5, steps: int = 5):
   """--config, --batch, --image_size, --rounds, --steps, --warmup (with these
-  defaults); also used by ab_transposes.py."""
+  defaults) and train_step.py's --keep_freed_memory; also used by ab_transposes.py."""
   config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
   flags.DEFINE_integer("batch", batch, "Global batch size (must divide by the device count).")
   flags.DEFINE_integer("image_size", 0, "Image size (0: the config's).")
   flags.DEFINE_integer("rounds", rounds, "Rounds; each times every variant once.")
   flags.DEFINE_integer("steps", steps, "Synchronised steps per variant per round.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+  train_step.define_memory_flag()
 
 
 def _define_flags():
@@ -162,6 +163,7 @@ def time_rounds(states: dict, rounds: int, steps: int) -> dict[str, list[float]]
 
 def main(argv):
   del argv
+  memory = train_step.apply_memory_flag()  # before jax touches a device
   import jax
   import numpy as np
   try:
@@ -206,7 +208,7 @@ def main(argv):
   print(json.dumps({"summary": "ab_step", "device": f"{dev.platform}:{dev.device_kind}",
                     "device_count": jax.local_device_count(), "batch": FLAGS.batch,
                     "image_size": base.image_size, "rounds": FLAGS.rounds, "steps": FLAGS.steps,
-                    "variants": out}), flush=True)
+                    "keep_freed_memory": memory, "variants": out}), flush=True)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def autodiff_transposes():
 
 def main(argv):
   del argv
+  memory = ab_step.train_step.apply_memory_flag()  # before jax touches a device
   import numpy as np
   config = FLAGS.config
   if FLAGS.image_size:
@@ -64,7 +65,7 @@ def main(argv):
     row.update(compile_s=states[name]["compile_s"], max_rel_metric_diff=diff, max_rel_metric_diff_key=key)
   faster = sum(b < a for a, b in zip(round_ms["autodiff"], round_ms["hand_written"]))
   print(json.dumps({"summary": "ab_transposes", "batch": FLAGS.batch, "image_size": config.image_size,
-                    "rounds": FLAGS.rounds, "steps": FLAGS.steps, "variants": rows,
+                    "rounds": FLAGS.rounds, "steps": FLAGS.steps, "keep_freed_memory": memory, "variants": rows,
                     "hand_written_faster_rounds": faster}), flush=True)
 
 

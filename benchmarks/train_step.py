@@ -45,6 +45,23 @@ def _define_flags():
   flags.DEFINE_integer("profile_steps", 0, "After timing, trace this many steps with jax.profiler and add "
                        "'top_ops' (time per step summed by op / kernel name) to the JSON (0: off).")
   flags.DEFINE_integer("profile_top", 25, "Ops listed in 'top_ops'.")
+  define_memory_flag()
+
+
+def define_memory_flag():
+  """--keep_freed_memory, as `python -m sils_jax.main` has it; also used by ab_step.py."""
+  flags.DEFINE_bool("keep_freed_memory", True, "Let glibc keep freed memory between steps, as "
+                    "`python -m sils_jax.main` does on a CPU-only host (sils_jax/cpu_memory.py).")
+
+
+def apply_memory_flag() -> str:
+  """Applies --keep_freed_memory (before jax touches a device); returns what was done,
+  reported as 'keep_freed_memory' in the JSON lines."""
+  if not FLAGS.keep_freed_memory:
+    return "off"
+  from sils_jax.cpu_memory import keep_freed_memory
+  return keep_freed_memory()
+
 
 # Dense peak FLOP/s for MFU. Convolutions in float32 run as TF32 on these GPUs under
 # jax's default matmul precision, so float32 steps are compared with the TF32 peak.
@@ -185,6 +202,7 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
 
 def main(argv):
   del argv
+  memory = apply_memory_flag()
   config = FLAGS.config
   label = FLAGS.name or os.path.splitext(os.path.basename(
       flags.FLAGS["config"].config_filename.split(":")[0]))[0]
@@ -194,7 +212,9 @@ def main(argv):
   sizes = [int(s) for s in FLAGS.image_size] or [config.image_size]
   for size in sizes:
     for b in FLAGS.batch:
-      print(json.dumps(bench(config, int(b), size, FLAGS.steps, FLAGS.warmup, label)), flush=True)
+      row = bench(config, int(b), size, FLAGS.steps, FLAGS.warmup, label)
+      row["keep_freed_memory"] = memory
+      print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

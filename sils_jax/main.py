@@ -15,12 +15,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample images.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("keep_freed_memory", True, "On a CPU-only Linux host, let glibc keep the memory a "
+                  "training step frees for the next step instead of unmapping it (no page faults per "
+                  "step; the process keeps its peak memory). See sils_jax/cpu_memory.py.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_libraries()
+  if FLAGS.keep_freed_memory:  # before jax starts its CPU threads
+    from sils_jax.cpu_memory import keep_freed_memory
+    logging.info("Keeping freed memory between steps (glibc malloc): %s", keep_freed_memory())
   from sils_jax.training import config_checks, loop  # after flag parsing: keeps --help fast
   from sils_jax.training.distributed import initialize_distributed
   initialize_distributed(FLAGS.config)  # before anything touches the devices

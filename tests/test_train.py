@@ -131,16 +131,19 @@ def test_same_seed_same_numbers_other_seed_differs():
 
 def test_eight_devices_equal_one_device_with_eight_times_the_batch():
   """8 fake CPU devices x 1 image == 1 device x 8 images: gradients and BatchNorm
-  statistics are averaged over devices. Tolerance: 1e-5 absolute on parameters
+  statistics are averaged over devices. Tolerance: 3e-5 absolute on parameters
   (one Adam step moves a parameter by ~lr = 1e-4, so a wrong gradient sign or a
-  missing pmean shows up 10x above it) and 1e-5 relative on the losses."""
+  missing pmean shows up 3-7x above it) and 1e-5 relative on the losses. Adam's first
+  step (b1 = 0) divides each gradient by its own size, so an element whose eight
+  per-image terms nearly cancel carries their rounding into the update: on an AVX-512
+  CPU one discriminator weight differed by 1.17e-5 (0.12 lr) between the two sums."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_check.py")],
                        capture_output=True, text=True, env=env, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
-  assert res["g_params"]["max_abs_diff"] < 1e-5, res
-  assert res["d_params"]["max_abs_diff"] < 1e-5, res
+  assert res["g_params"]["max_abs_diff"] < 3e-5, res
+  assert res["d_params"]["max_abs_diff"] < 3e-5, res
   assert res["batch_stats"]["max_abs_diff"] < 1e-5 * max(1.0, res["batch_stats"]["max_abs_value"]), res
   assert res["metrics"]["max_abs_diff"] < 1e-5 * max(1.0, res["metrics"]["max_abs_value"]), res
 
@@ -161,6 +164,8 @@ def test_main_end_to_end_then_resume(tmp_path, caplog):
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2" in out.stderr and "test MSE x100" in out.stderr
+  # glibc set to keep freed memory before jax started its threads (sils_jax/cpu_memory.py)
+  assert "Keeping freed memory between steps" in out.stderr and "already started" not in out.stderr
   assert os.path.exists(os.path.join(workdir, "samples", "separation_0000002.png"))
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["learning_rate"] == 0.0002

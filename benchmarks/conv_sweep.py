@@ -21,6 +21,13 @@ such layer takes it; ``rule`` says whether the rule takes it), timed alternately
 for the discriminators' also the R1 penalty's second-order gradient, as the step
 computes them. The thresholds of ``conv._winograd_pays`` were read off these lines
 and checked in the step (results/cpu_winograd_layers_2026-11-28.jsonl).
+
+``--thin``: the decoder's output conv (3x3, 16 -> 3 channels) over 16384 to 131072
+positions, forward and gradients timed apart for XLA's convolution, 'matmul' and
+``conv._thin_conv`` (the matrix form's forward with XLA's gradients), alternately;
+``rule`` is what 'auto' resolves to on the CPU ("thin": ``_thin_conv``).
+``conv.MATMUL_MAX_THIN_POSITIONS`` was read off these lines
+(results/cpu_thin_conv_2026-12-06.jsonl).
 """
 
 import argparse
@@ -134,17 +141,50 @@ def winograd_layers(batch, repeats):
                           max_rel_diff=float(f"{err:.2g}"))), flush=True)
 
 
+def thin_layers(repeats):
+  """The output conv (3x3, 16 -> 3 channels) over 16384 to 131072 positions: forward and
+  gradients (both inputs' VJP) timed apart for XLA's convolution, the matrix form and
+  '_thin_conv' (the matrix form's forward, XLA's gradients), alternately; medians."""
+  from sils_jax.models import conv
+  rng = np.random.default_rng(0)
+  for size, batch in [(128, 1), (64, 8), (128, 2), (128, 4), (128, 8)]:
+    x = jnp.asarray(rng.standard_normal((batch, size, size, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 3)) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
+    forms = {"xla": lambda x, w: conv2d(x, w, (1, 1), "SAME", "xla"),
+             "matmul": lambda x, w: conv2d(x, w, (1, 1), "SAME", "matmul"),
+             "thin": lambda x, w: conv._thin_conv(x, w, ((1, 1), (1, 1)))}
+    fns = {name: (jax.jit(f), jax.jit(lambda x, w, dy, f=f: jax.vjp(f, x, w)[1](dy))) for name, f in forms.items()}
+    times = {(name, piece): [] for name in fns for piece in ("fwd", "grad")}
+    for name, (fwd, grad) in fns.items():
+      jax.block_until_ready((fwd(x, w), grad(x, w, dy)))
+    for _ in range(repeats):
+      for name, (fwd, grad) in fns.items():
+        for piece, fn, args in (("fwd", fwd, (x, w)), ("grad", grad, (x, w, dy))):
+          t = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          times[(name, piece)].append((time.perf_counter() - t) * 1e3)
+    row = dict(S=size, B=batch, M=batch * size * size, rule=conv.resolve_impl("auto", batch * size * size, 3))
+    for (name, piece), v in times.items():
+      row[f"{piece}_{name}"] = round(float(np.median(v)), 2)
+    print(json.dumps(row), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--pieces", action="store_true", help="forward, dx and dw apart, 128 px, phases up-convs")
   p.add_argument("--winograd", action="store_true", help="4x4 stride-2 convs: matmul vs Winograd, 128 px")
+  p.add_argument("--thin", action="store_true", help="the output conv over 16384-131072 positions: "
+                 "XLA, matmul and the thin form, forward and gradients apart")
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=9, help="--winograd: alternating timed calls per form")
+  p.add_argument("--repeats", type=int, default=9, help="--winograd, --thin: alternating timed calls per form")
   args = p.parse_args()
   if args.pieces:
     return pieces(args.batch)
   if args.winograd:
     return winograd_layers(args.batch, args.repeats)
+  if args.thin:
+    return thin_layers(args.repeats)
   rng = np.random.default_rng(0)
   for size, batch in [(128, 1), (128, 8), (64, 1), (64, 8)]:
     for kind, h, cin, cout, k, s in layers(size):

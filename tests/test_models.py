@@ -286,6 +286,36 @@ def test_winograd_conv_equals_xla_conv_to_second_order(shape, cout, monkeypatch)
   _assert_equals_xla_conv_to_second_order("winograd", x, w, (2, 2), "SAME")
 
 
+@pytest.mark.parametrize("shape,kernel,strides,cout", [
+    ((2, 6, 6, 16), (3, 3), (1, 1), 3),  # the decoder's output conv: shift-form forward
+    ((1, 5, 7, 2), (3, 3), (1, 1), 4),   # widening: patch-matrix forward, odd sizes
+    ((1, 6, 6, 3), (4, 4), (2, 2), 2),   # strided: XLA's convolution
+])
+def test_thin_conv_equals_xla_conv_to_second_order(shape, kernel, strides, cout, monkeypatch):
+  """'auto' (CPU) runs a stride-1 conv to few channels over many positions (the output
+  conv at batch 8, 128x128) with the matrix form's forward and XLA's gradients (the
+  position threshold is lowered here to keep the test small), unless glibc keeps
+  freed memory: then all of it in the matrix form."""
+  from sils_jax import cpu_memory
+  from sils_jax.models import conv
+  monkeypatch.setattr(conv, "MATMUL_MAX_THIN_POSITIONS", 0)
+  monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+  monkeypatch.setattr(cpu_memory, "_KEPT", True)
+  assert conv.resolve_impl("auto", 1, cout) == "winograd"
+  monkeypatch.setattr(cpu_memory, "_KEPT", False)
+  assert conv.resolve_impl("auto", 1, cout) == "thin"
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), kernel + (shape[-1], cout)) * 0.3
+  _assert_equals_xla_conv_to_second_order("auto", x, w, strides, "SAME")
+  f = lambda x, w: conv.conv2d(x, w, strides, "SAME", "auto")
+  forward = str(jax.make_jaxpr(f)(x, w))
+  gradient = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)))(x, w))
+  xla_forward = strides != (1, 1)
+  assert ("conv_general_dilated" in forward) == xla_forward
+  assert ("dot_general" in forward) == (not xla_forward)
+  assert "conv_general_dilated" in gradient
+
+
 @pytest.mark.parametrize("shape", [(2, 9, 7, 4), (1, 8, 8, 5), (1, 2, 3, 2)])
 def test_winograd_2x2_equals_the_valid_conv_and_its_transforms_are_adjoint(shape):
   from sils_jax.models import conv

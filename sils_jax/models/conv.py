@@ -44,14 +44,21 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
             matrix product; the transforms add and subtract only. In one process,
             128x128, batch 8: 0.91-0.94 of the 'matmul' step (benchmarks/README.md).
             Smaller maps (every conv at batch 1) and the up-convs measured slower in
-            this form, so they keep 'matmul'; the thin output conv takes XLA's, as
+            this form, so they keep 'matmul'; the thin output conv takes ``_thin_conv``, as
             with 'auto'.
-  'auto'    'winograd' on the CPU backend, except for convolutions to few channels
-            (< ``MATMUL_MIN_FEATURES``) over many output positions (batch x height x
-            width > ``MATMUL_MAX_THIN_POSITIONS``): the output conv at 128x128 and
-            batch 8, where XLA's convolution was faster than the patch matrix (the
-            shift form measured the same as XLA's there in the step); 'xla' on
-            every other backend.
+  'auto'    'winograd' on the CPU backend, except, in a process where glibc does not
+            keep freed memory (``sils_jax/cpu_memory.py``; ``python -m sils_jax.main``
+            does keep it), for convolutions to few channels (< ``MATMUL_MIN_FEATURES``)
+            over many output positions (batch x height x width >
+            ``MATMUL_MAX_THIN_POSITIONS``; the output conv at 128x128 and batch 8):
+            stride-1 ones run their forward in the matrix form (the shift form) and
+            their gradients as XLA's convolutions (``_thin_conv``), others XLA's
+            convolution; 'xla' on every other backend. At 131072 positions XLA's
+            convolution ran the 16 -> 3 channel output conv's forward in 8.1 ms
+            against 2.5 for the shift form, but its gradients in 10.4 ms against 16.7
+            for the matrix form's, whose large temporaries are faulted in afresh on
+            every call; with freed memory kept they took 8.1 ms, and in the step the
+            matrix form beat ``_thin_conv`` in 20 of 20 rounds (benchmarks/README.md).
 
 All forms use the same kernel (kh, kw, Cin, Cout) and padding, so parameters, checkpoints
 and results are interchangeable (``tests/test_models.py`` checks values, gradients
@@ -67,13 +74,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sils_jax import cpu_memory
+
 IMPLS = ("auto", "xla", "matmul", "xla_pad", "winograd")
 # From the per-layer sweep in benchmarks/README.md (every conv of the synthetic model
 # at 64/128 px, batch 1/8): the matrix form was faster for most layers (up to 15x for
 # small maps with many channels) and clearly slower only for the 3-channel output
-# conv at >= 32768 positions (2-4x).
+# conv at >= 32768 positions (2-4x), on 2026-11-27; see below for the output conv now.
 MATMUL_MIN_FEATURES = 8
-MATMUL_MAX_THIN_POSITIONS = 16384
+# Re-measured 2026-12-06 for the 16 -> 3 output conv, forward + gradients, after the
+# hand-written transposes (`conv_sweep.py --thin`): the matrix form was faster up to
+# 65536 positions (batch 4 at 128x128: 5.2 against 11.5 ms; 32768: 2.3-3.0 against
+# 5.4-8.8 ms), slower at 131072 (19.2 against 18.5 ms), where '_thin_conv' took 14.4.
+MATMUL_MAX_THIN_POSITIONS = 65536
 # 'winograd' (benchmarks/README.md; `conv_sweep.py --winograd`): per layer (gradients,
 # and the R1 penalty's second-order gradient for the discriminators; 128x128, batch 8)
 # Winograd took 0.52 and 0.62 of 'matmul''s time for the discriminators' second and
@@ -103,8 +116,9 @@ def resolve_impl(impl: str, positions: int, features: int) -> str:
     return impl
   if impl == "auto" and jax.default_backend() != "cpu":
     return "xla"
-  thin = features < MATMUL_MIN_FEATURES and positions > MATMUL_MAX_THIN_POSITIONS
-  return "xla" if thin else "winograd"
+  thin = (features < MATMUL_MIN_FEATURES and positions > MATMUL_MAX_THIN_POSITIONS
+          and not cpu_memory.kept())
+  return "thin" if thin else "winograd"
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: str = "SAME",
@@ -124,9 +138,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
       kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
     resolved = "xla"
-  if resolved == "xla":
-    return jax.lax.conv_general_dilated(x, kernel, tuple(strides), ((pt, pb), (pl, pr)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if resolved == "thin" and (sh, sw) == (1, 1):
+    return _thin_conv(x, kernel, ((pt, pb), (pl, pr)))
+  if resolved in ("xla", "thin"):
+    return _xla_conv(x, kernel, tuple(strides), ((pt, pb), (pl, pr)))
   wino = resolved == "winograd" and _winograd_pays(kernel.shape, strides, b * ho * wo, x.dtype)
   if kh == kw == 1 and sh == sw == 1:
     return x @ kernel.reshape(cin, cout)
@@ -139,6 +154,32 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
           for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(cols, axis=-1)  # (B, Ho, Wo, kh*kw*Cin), order (i, j, c) = HWIO's
   return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _thin_conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
+  """A stride-1 conv to few channels over many positions: the forward as
+  ``window_matmul`` (for the output conv, 16 -> 3 channels, the shift form), the
+  gradients as XLA's convolution's (module doc, 'auto'). Same values as either."""
+  kh, kw, cin, cout = kernel.shape
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  return window_matmul(xp, kernel.reshape(kh * kw * cin, cout), kh, kw, 1)
+
+
+def _thin_conv_fwd(x, kernel, pads):
+  return _thin_conv(x, kernel, pads), (x, kernel)
+
+
+def _thin_conv_bwd(pads, res, dy):
+  # differentiable again: XLA's convolutions' transposes are convolutions
+  return jax.vjp(lambda x, k: _xla_conv(x, k, (1, 1), pads), *res)[1](dy)
+
+
+_thin_conv.defvjp(_thin_conv_fwd, _thin_conv_bwd)
 
 
 def _winograd_pays(kernel_shape: Sequence[int], strides: Sequence[int], positions: int, dtype) -> bool:

@@ -58,14 +58,15 @@ def keep_freed_memory() -> str:
   CPU. Returns what it did, for the log: 'set', or why not. Call it before jax first
   touches a device."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return f"not set: needs Linux with glibc (this is {platform.system()} {platform.libc_ver()[0] or ''})".strip()
+    this = " ".join(filter(None, (platform.system(), platform.libc_ver()[0])))
+    return f"not set: needs Linux with glibc (this is {this})"
   reason = _accelerators_expected()
   if reason:
     return f"not set: {reason}"
-  from jax._src import xla_bridge  # private, but only to warn; a failure here must not stop training
-  try:
+  try:  # private jax API, used only to refuse a late call; if it moves, go on
+    from jax._src import xla_bridge
     started = xla_bridge.backends_are_initialized()
-  except AttributeError:
+  except (ImportError, AttributeError):
     started = False
   if started:
     return "not set: jax had already started its devices (call it before jax touches a device)"

@@ -5,9 +5,9 @@ it when the step ends. glibc serves a block that large with a fresh ``mmap`` and
 unmaps it on ``free``, so every step touches new pages: 16 900 page faults per step at
 128x128, batch 1; keeping the memory made the batch-8 step take 0.85-0.94 of the time
 (``benchmarks/README.md``, the CPU section of 2026-12-06). With one malloc arena, no
-``mmap`` and no trimming, the freed block
-stays in the heap and the next step reuses it: no faults after the first steps. The
-process then keeps its peak memory until it exits.
+``mmap`` and no trimming, the freed block stays in the heap and the next step reuses
+it: no faults after the first steps. The process then keeps its peak memory until it
+exits.
 
 The settings must be made before XLA starts its CPU threads, which happens when jax
 first touches a device (importing jax is fine): each thread that has allocated keeps

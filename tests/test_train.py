@@ -131,9 +131,10 @@ def test_same_seed_same_numbers_other_seed_differs():
 
 def test_eight_devices_equal_one_device_with_eight_times_the_batch():
   """8 fake CPU devices x 1 image == 1 device x 8 images: gradients and BatchNorm
-  statistics are averaged over devices. Tolerance: 3e-5 absolute on parameters
-  (one Adam step moves a parameter by ~lr = 1e-4, so a wrong gradient sign or a
-  missing pmean shows up 3-7x above it) and 1e-5 relative on the losses. Adam's first
+  statistics are averaged over devices. Tolerance: 1e-5 absolute on the generator's
+  parameters and 3e-5 on the discriminators' (one Adam step moves a parameter by ~lr =
+  1e-4, so a wrong gradient sign or a missing pmean shows up 3-10x above them) and 1e-5
+  relative on the losses. Adam's first
   step (b1 = 0) divides each gradient by its own size, so an element whose eight
   per-image terms nearly cancel carries their rounding into the update: on an AVX-512
   CPU one discriminator weight differed by 1.17e-5 (0.12 lr) between the two sums."""
@@ -142,7 +143,7 @@ def test_eight_devices_equal_one_device_with_eight_times_the_batch():
                        capture_output=True, text=True, env=env, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
-  assert res["g_params"]["max_abs_diff"] < 3e-5, res
+  assert res["g_params"]["max_abs_diff"] < 1e-5, res
   assert res["d_params"]["max_abs_diff"] < 3e-5, res
   assert res["batch_stats"]["max_abs_diff"] < 1e-5 * max(1.0, res["batch_stats"]["max_abs_value"]), res
   assert res["metrics"]["max_abs_diff"] < 1e-5 * max(1.0, res["metrics"]["max_abs_value"]), res

@@ -43,7 +43,8 @@ FLAGS = flags.FLAGS
 
 def define_timing_flags(batch: int = 1, rounds: int = 5, steps: int = 5):
   """--config, --batch, --image_size, --rounds, --steps, --warmup (with these
-  defaults) and train_step.py's --keep_freed_memory; also used by ab_transposes.py."""
+  defaults) and train_step.py's --keep_freed_memory and --huge_pages; also used by
+  ab_transposes.py."""
   config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Training config.")
   flags.DEFINE_integer("batch", batch, "Global batch size (must divide by the device count).")
   flags.DEFINE_integer("image_size", 0, "Image size (0: the config's).")
@@ -194,6 +195,7 @@ def main(argv):
         raise
       raise app.UsageError(f"--variant={name} (compiler options {options}): {e}") from None
     run_steps(states[name], FLAGS.warmup, timed=False)
+  huge_pages = train_step.apply_huge_pages_flag()  # the heap now holds every variant's step
   round_ms = time_rounds(states, FLAGS.rounds, FLAGS.steps)
   ref = {k: np.asarray(v) for k, v in next(iter(states.values()))["metrics"].items()}
   dev = jax.local_devices()[0]
@@ -208,7 +210,7 @@ def main(argv):
   print(json.dumps({"summary": "ab_step", "device": f"{dev.platform}:{dev.device_kind}",
                     "device_count": jax.local_device_count(), "batch": FLAGS.batch,
                     "image_size": base.image_size, "rounds": FLAGS.rounds, "steps": FLAGS.steps,
-                    "keep_freed_memory": memory, "variants": out}), flush=True)
+                    "keep_freed_memory": memory, "huge_pages": huge_pages, "variants": out}), flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def main(argv):
     with ctx():  # the functions are looked up while the step is traced, in build
       states[name] = ab_step.build(config.copy_and_resolve_references(), FLAGS.batch, {})
     ab_step.run_steps(states[name], FLAGS.warmup, timed=False)
+  huge_pages = ab_step.train_step.apply_huge_pages_flag()
   round_ms = ab_step.time_rounds(states, FLAGS.rounds, FLAGS.steps)
   ref = {k: np.asarray(v) for k, v in states["autodiff"]["metrics"].items()}
   rows = ab_step.summarise(round_ms)
@@ -65,7 +66,8 @@ def main(argv):
     row.update(compile_s=states[name]["compile_s"], max_rel_metric_diff=diff, max_rel_metric_diff_key=key)
   faster = sum(b < a for a, b in zip(round_ms["autodiff"], round_ms["hand_written"]))
   print(json.dumps({"summary": "ab_transposes", "batch": FLAGS.batch, "image_size": config.image_size,
-                    "rounds": FLAGS.rounds, "steps": FLAGS.steps, "keep_freed_memory": memory, "variants": rows,
+                    "rounds": FLAGS.rounds, "steps": FLAGS.steps, "keep_freed_memory": memory,
+                    "huge_pages": huge_pages, "variants": rows,
                     "hand_written_faster_rounds": faster}), flush=True)
 
 

@@ -49,9 +49,12 @@ def _define_flags():
 
 
 def define_memory_flag():
-  """--keep_freed_memory, as `python -m sils_jax.main` has it; also used by ab_step.py."""
+  """--keep_freed_memory and --huge_pages, as `python -m sils_jax.main` has them; also
+  used by ab_step.py."""
   flags.DEFINE_bool("keep_freed_memory", True, "Let glibc keep freed memory between steps, as "
                     "`python -m sils_jax.main` does on a CPU-only host (sils_jax/cpu_memory.py).")
+  flags.DEFINE_bool("huge_pages", True, "After the warm-up, back the heap with transparent huge "
+                    "pages, as `python -m sils_jax.main` does after its first step (sils_jax/cpu_memory.py).")
 
 
 def apply_memory_flag() -> str:
@@ -61,6 +64,15 @@ def apply_memory_flag() -> str:
     return "off"
   from sils_jax.cpu_memory import keep_freed_memory
   return keep_freed_memory()
+
+
+def apply_huge_pages_flag() -> str:
+  """Applies --huge_pages (once the heap holds a step's memory: after the warm-up);
+  returns what was done, reported as 'huge_pages' in the JSON lines."""
+  if not FLAGS.huge_pages:
+    return "off"
+  from sils_jax.cpu_memory import use_huge_pages
+  return use_huge_pages()
 
 
 # Dense peak FLOP/s for MFU. Convolutions in float32 run as TF32 on these GPUs under
@@ -146,6 +158,7 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
   for _ in range(warmup):
     g, d, m = compiled(g, d, dev_batch)
   jax.block_until_ready((g, d, m))
+  huge_pages = apply_huge_pages_flag()
   times = []
   for _ in range(steps):
     t = time.perf_counter()
@@ -185,7 +198,7 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
          "ms_per_step_p10": round(float(np.percentile(ms, 10)), 3),
          "ms_per_step_p90": round(float(np.percentile(ms, 90)), 3),
          "img_per_s_pipelined": round(pipelined, 3), "compile_s": round(compile_s, 2),
-         "peak_mem_bytes": peak, "peak_mem_kind": peak_kind}
+         "peak_mem_bytes": peak, "peak_mem_kind": peak_kind, "huge_pages": huge_pages}
   if flops is not None:
     # cost_analysis of a pmapped computation is per device
     out["gflop_per_step"] = round(flops * n_dev / 1e9, 3)

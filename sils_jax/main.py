@@ -18,6 +18,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 flags.DEFINE_bool("keep_freed_memory", True, "On a CPU-only Linux host, let glibc keep the memory a "
                   "training step frees for the next step instead of unmapping it (no page faults per "
                   "step; the process keeps its peak memory). See sils_jax/cpu_memory.py.")
+flags.DEFINE_bool("huge_pages", True, "With --keep_freed_memory, back the heap that holds the step's "
+                  "memory with transparent huge pages after the first step (Linux; a few seconds "
+                  "once). See sils_jax/cpu_memory.py.")
 
 
 def main(argv):
@@ -31,8 +34,13 @@ def main(argv):
   from sils_jax.training.distributed import initialize_distributed
   initialize_distributed(FLAGS.config)  # before anything touches the devices
   from sils_jax.data.image_io import DataError
+  after_first_step = None
+  if FLAGS.keep_freed_memory and FLAGS.huge_pages:
+    def after_first_step():
+      from sils_jax.cpu_memory import use_huge_pages
+      logging.info("Backing the heap with huge pages: %s", use_huge_pages())
   try:
-    result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, after_first_step=after_first_step)
   except (config_checks.ConfigError, DataError, FloatingPointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   logging.info("final evaluation: %s", result)

@@ -167,6 +167,9 @@ def test_main_end_to_end_then_resume(tmp_path, caplog):
   assert "step 2/2" in out.stderr and "test MSE x100" in out.stderr
   # glibc set to keep freed memory before jax started its threads (sils_jax/cpu_memory.py)
   assert "Keeping freed memory between steps" in out.stderr and "already started" not in out.stderr
+  # ... and after the first step (only then), the heap backed with huge pages where the kernel allows
+  assert out.stderr.count("Backing the heap with huge pages: ") == 1
+  assert "not kept" not in out.stderr
   assert os.path.exists(os.path.join(workdir, "samples", "separation_0000002.png"))
   saved = json.load(open(os.path.join(workdir, "config.json")))
   assert saved["learning_rate"] == 0.0002

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -122,9 +123,12 @@ class Evaluator:
     return separation_grid(x, pred, true, recomposed)
 
 
-def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
+def train_and_evaluate(config, workdir: str, *, return_states: bool = False,
+                       after_first_step: Callable[[], None] | None = None):
   """Trains as the config says, writing into ``workdir``; returns the last evaluation
-  (and, with return_states, also this process's final generator and discriminator states)."""
+  (and, with return_states, also this process's final generator and discriminator states).
+  ``after_first_step`` is called once, when this run's first step has finished (the
+  CLI backs the heap with huge pages there: ``sils_jax/cpu_memory.py``)."""
   config_checks.validate(config)
   if config.get("generator", "unet") == "vgg" and config.get("vgg_preprocess", "auto") == "auto":
     config.vgg_preprocess = resolve_vgg_preprocess(config)  # saved resolved: restores need no weights file
@@ -205,6 +209,9 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False):
     for step in range(start_step, total):
       profiler(step)
       g_rep, d_rep, step_metrics = p_step(g_rep, d_rep, inputs.get(step))
+      if after_first_step is not None and step == start_step:
+        jax.block_until_ready(step_metrics)  # the step's memory is back in the heap
+        after_first_step()
       done = step + 1
       is_last = done == total
       # interval averages of every term, accumulated on device in one jitted call

@@ -19,8 +19,9 @@ first; ``--keep_freed_memory=false`` turns it off.
 Once the heap holds a step's memory, ``use_huge_pages`` backs it with transparent huge
 pages (2 MB instead of 4 KB pages, ``madvise(MADV_HUGEPAGE)`` then ``MADV_COLLAPSE``):
 the step's data-movement fusions walk hundreds of MB per step, and with 512x fewer
-pages to map the 128x128, batch-8 step took 0.93 of the time (faster in 9 of 10
-interleaved rounds in one process; batch 1: 0.98; ``benchmarks/README.md``). Hosts
+pages to map the 128x128, batch-8 step took 0.88-0.93 of the time (faster in 9 and 8 of
+10 interleaved rounds, two runs in one process each; batch 1: 0.92-0.98;
+``benchmarks/ab_huge_pages.py``, ``benchmarks/README.md``). Hosts
 whose kernel keeps huge pages off (``/sys/kernel/mm/transparent_hugepage/enabled`` set
 to ``never``) are left as they are. ``python -m sils_jax.main`` calls it after the first
 step (``--huge_pages=false`` turns it off), the step timers after their warm-up.

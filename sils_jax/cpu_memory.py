@@ -155,7 +155,10 @@ def use_huge_pages() -> str:
   mode = _thp_mode()
   if mode in (None, "never"):
     return f"not set: transparent huge pages are {'off (never)' if mode else 'not available'} in this kernel"
-  heap = _heap_range()
+  try:
+    heap = _heap_range()
+  except (OSError, ValueError) as e:
+    return f"not set: cannot read the process's mappings ({e})"
   if heap is None:
     return "not set: the heap is smaller than one huge page"
   start, length = heap

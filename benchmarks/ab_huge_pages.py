@@ -35,8 +35,7 @@ _PROT_RW, _PROT_RWX = 3, 7
 def _split_huge_pages() -> None:
   from sils_jax import cpu_memory
   start, length = cpu_memory._heap_range()
-  libc = ctypes.CDLL("libc.so.6", use_errno=True)
-  libc.madvise.argtypes = libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+  libc = cpu_memory.libc()
   if libc.madvise(start, length, _MADV_NOHUGEPAGE) != 0:
     raise OSError(ctypes.get_errno(), "madvise(MADV_NOHUGEPAGE)")
   huge = cpu_memory._huge_page_bytes()

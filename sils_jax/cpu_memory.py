@@ -53,6 +53,22 @@ def kept() -> bool:
   return _KEPT or (os.environ.get("MALLOC_ARENA_MAX") == "1" and os.environ.get("MALLOC_MMAP_MAX_") == "0")
 
 
+def _not_linux_glibc() -> str | None:
+  """Why glibc's malloc and Linux's madvise are not here (the log's 'not set' line), else None."""
+  if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    return None
+  this = " ".join(filter(None, (platform.system(), platform.libc_ver()[0])))
+  return f"not set: needs Linux with glibc (this is {this})"
+
+
+def libc() -> ctypes.CDLL:
+  """The C library, with errno kept for ``ctypes.get_errno`` and ``madvise`` /
+  ``mprotect`` typed (address, length, int); also used by benchmarks/ab_huge_pages.py."""
+  lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+  lib.madvise.argtypes = lib.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+  return lib
+
+
 def _accelerators_expected() -> str | None:
   """Why jax may run on something other than the CPU here (a name), else None: the
   settings are for the CPU step; on a GPU / TPU host the host side allocates little,
@@ -72,9 +88,8 @@ def keep_freed_memory() -> str:
   """Sets glibc's malloc to keep freed memory (module doc) when jax will run on the
   CPU. Returns what it did, for the log: 'set', or why not. Call it before jax first
   touches a device."""
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    this = " ".join(filter(None, (platform.system(), platform.libc_ver()[0])))
-    return f"not set: needs Linux with glibc (this is {this})"
+  if (unsupported := _not_linux_glibc()):
+    return unsupported
   reason = _accelerators_expected()
   if reason:
     return f"not set: {reason}"
@@ -85,8 +100,8 @@ def keep_freed_memory() -> str:
     started = False
   if started:
     return "not set: jax had already started its devices (call it before jax touches a device)"
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-  ok = all(libc.mallopt(param, value) == 1 for param, value in (
+  c = libc()
+  ok = all(c.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
   global _KEPT
   _KEPT = _KEPT or ok
@@ -147,9 +162,8 @@ def use_huge_pages() -> str:
   (after the first step). Returns what it did, for the log: how much of the heap is
   now in huge pages and how long that took, or why nothing was done. Never raises:
   the step runs the same either way, only slower without."""
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    this = " ".join(filter(None, (platform.system(), platform.libc_ver()[0])))
-    return f"not set: needs Linux with glibc (this is {this})"
+  if (unsupported := _not_linux_glibc()):
+    return unsupported
   if not kept():
     return "not set: freed memory is not kept in the heap (keep_freed_memory was not set)"
   mode = _thp_mode()
@@ -162,12 +176,11 @@ def use_huge_pages() -> str:
   if heap is None:
     return "not set: the heap is smaller than one huge page"
   start, length = heap
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-  libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-  if libc.madvise(start, length, _MADV_HUGEPAGE) != 0:
+  c = libc()
+  if c.madvise(start, length, _MADV_HUGEPAGE) != 0:
     return f"not set: madvise(MADV_HUGEPAGE) failed ({os.strerror(ctypes.get_errno())})"
   t0 = time.perf_counter()
-  if libc.madvise(start, length, _MADV_COLLAPSE) != 0:
+  if c.madvise(start, length, _MADV_COLLAPSE) != 0:
     err = ctypes.get_errno()
     # EINVAL: a kernel before 6.1; EAGAIN / ENOMEM: some ranges could not be collapsed
     # now. The heap stays advised: the kernel's khugepaged collapses it over time.

@@ -175,7 +175,10 @@ def test_padded_conv_pads_16_bit_inputs_to_eight_channels():
 
 def test_conv_impl_does_not_change_the_model():
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
-  impls = ("matmul", "auto", "xla_pad", "winograd")
+  impls = ("matmul", "auto", "xla_pad", "winograd", "direct")
+  from sils_jax.models import direct_conv
+  if not direct_conv.available():
+    impls = impls[:-1]
   models = {impl: LayerSeparator(num_layers=2, conv_impl=impl) for impl in ("xla",) + impls}
   variables = models["xla"].init(jax.random.key(0), x)
   for impl in impls:  # the same parameter tree works for every impl
@@ -295,9 +298,11 @@ def test_thin_conv_equals_xla_conv_to_second_order(shape, kernel, strides, cout,
   """'auto' (CPU) runs a stride-1 conv to few channels over many positions (the output
   conv at batch 8, 128x128) with the matrix form's forward and XLA's gradients (the
   position threshold is lowered here to keep the test small), unless glibc keeps
-  freed memory: then all of it in the matrix form."""
+  freed memory: then all of it in the matrix form. (Where the direct-conv kernels
+  built, 'auto' runs the output conv with them instead: switched off here.)"""
   from sils_jax import cpu_memory
   from sils_jax.models import conv
+  monkeypatch.setattr(conv.direct_conv, "available", lambda: False)
   monkeypatch.setattr(conv, "MATMUL_MAX_THIN_POSITIONS", 0)
   monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
   monkeypatch.setattr(cpu_memory, "_KEPT", True)

@@ -46,19 +46,27 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
             Smaller maps (every conv at batch 1) and the up-convs measured slower in
             this form, so they keep 'matmul'; the thin output conv takes ``_thin_conv``, as
             with 'auto'.
-  'auto'    'winograd' on the CPU backend, except, in a process where glibc does not
-            keep freed memory (``sils_jax/cpu_memory.py``; ``python -m sils_jax.main``
-            does keep it), for convolutions to few channels (< ``MATMUL_MIN_FEATURES``)
-            over many output positions (batch x height x width >
-            ``MATMUL_MAX_THIN_POSITIONS``; the output conv at 128x128 and batch 8):
-            stride-1 ones run their forward in the matrix form (the shift form) and
-            their gradients as XLA's convolutions (``_thin_conv``), others XLA's
-            convolution; 'xla' on every other backend. At 131072 positions XLA's
-            convolution ran the 16 -> 3 channel output conv's forward in 8.1 ms
-            against 2.5 for the shift form, but its gradients in 10.4 ms against 16.7
-            for the matrix form's, whose large temporaries are faulted in afresh on
-            every call; with freed memory kept they took 8.1 ms, and in the step the
-            matrix form beat ``_thin_conv`` in 20 of 20 rounds (benchmarks/README.md).
+  'direct'  'winograd', except for the convs ``direct_conv.supports`` (3x3, stride 1,
+            'SAME', float32, 16k input channels, 1-3 outputs: the decoder's output conv),
+            which run as ``direct_conv.conv3x3``: C++ kernels through XLA's FFI that
+            read each input window in place (forward + gradients 2.6 against 11.9 ms
+            at 128x128, batch 8; the step at 0.95 of 'winograd''s in one process,
+            benchmarks/README.md). A clear error if the kernels cannot be built.
+  'auto'    'direct' on the CPU backend where the kernels built (else 'winograd': one
+            warning says why); 'xla' on every other backend. Without the kernels, and
+            in a process where glibc does not keep freed memory
+            (``sils_jax/cpu_memory.py``; ``python -m sils_jax.main`` does keep it),
+            convolutions to few channels (< ``MATMUL_MIN_FEATURES``) over many output
+            positions (batch x height x width > ``MATMUL_MAX_THIN_POSITIONS``; the
+            output conv at 128x128 and batch 8) run differently: stride-1 ones their
+            forward in the matrix form (the shift form) and their gradients as XLA's
+            convolutions (``_thin_conv``), others XLA's convolution. At 131072
+            positions XLA's convolution ran the 16 -> 3 channel output conv's forward
+            in 8.1 ms against 2.5 for the shift form, but its gradients in 10.4 ms
+            against 16.7 for the matrix form's, whose large temporaries are faulted in
+            afresh on every call; with freed memory kept they took 8.1 ms, and in the
+            step the matrix form beat ``_thin_conv`` in 20 of 20 rounds
+            (benchmarks/README.md).
 
 All forms use the same kernel (kh, kw, Cin, Cout) and padding, so parameters, checkpoints
 and results are interchangeable (``tests/test_models.py`` checks values, gradients
@@ -75,8 +83,9 @@ import jax
 import jax.numpy as jnp
 
 from sils_jax import cpu_memory
+from sils_jax.models import direct_conv
 
-IMPLS = ("auto", "xla", "matmul", "xla_pad", "winograd")
+IMPLS = ("auto", "xla", "matmul", "xla_pad", "winograd", "direct")
 # From the per-layer sweep in benchmarks/README.md (every conv of the synthetic model
 # at 64/128 px, batch 1/8): the matrix form was faster for most layers (up to 15x for
 # small maps with many channels) and clearly slower only for the 3-channel output
@@ -121,6 +130,20 @@ def resolve_impl(impl: str, positions: int, features: int) -> str:
   return "thin" if thin else "winograd"
 
 
+def _takes_direct(impl: str, kernel_shape, strides, padding, *dtypes) -> bool:
+  """'direct', and 'auto' on the CPU backend where the kernels built: the convs
+  ``direct_conv.supports`` (the decoder's output conv) run as ``direct_conv.conv3x3``."""
+  if impl not in ("auto", "direct") or (impl == "auto" and jax.default_backend() != "cpu"):
+    return False
+  if not all(direct_conv.supports(kernel_shape, strides, padding, d) for d in dtypes):
+    return False
+  if impl == "direct" and not direct_conv.available():
+    raise ValueError("config.conv_impl='direct' needs the direct-conv CPU kernels, which could not be "
+                     f"built or loaded: {direct_conv.unavailable_reason()} (conv_impl='auto' falls back "
+                     "to XLA's forms)")
+  return direct_conv.available()
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: str = "SAME",
            impl: str = "auto") -> jax.Array:
   """NHWC input, HWIO kernel -> NHWC output."""
@@ -131,7 +154,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   sh, sw = strides
   (pt, pb), (pl, pr) = _pads(h, kh, sh, padding), _pads(w, kw, sw, padding)
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-  resolved = resolve_impl(impl, b * ho * wo, cout)
+  if _takes_direct(impl, kernel.shape, strides, padding, x.dtype, kernel.dtype):
+    return direct_conv.conv3x3(x, kernel)
+  resolved = resolve_impl("winograd" if impl == "direct" else impl, b * ho * wo, cout)
   if resolved == "xla_pad":
     extra = -cin % (8 if jnp.dtype(x.dtype).itemsize == 2 else 4)
     if extra:  # zero channels in the input meet zero rows of the kernel: same sums

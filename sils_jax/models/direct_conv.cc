@@ -1,0 +1,308 @@
+// Direct 3x3 stride-1 'SAME' convolution of NHWC float32 activations with an HWIO
+// kernel to 1-3 output channels from a multiple of 16 input channels (the decoder's
+// output conv, 16 -> 3), with its input and weight gradients: XLA FFI handlers for the
+// CPU, loaded by sils_jax/models/direct_conv.py, which compiles this file once per
+// machine (-O3 -march=native).
+//
+// Why: in XLA's graph this conv is a product of the input with every tap's weights
+// (16 -> 27 channels) followed by a shifted sum, and its gradients are products with
+// 27-channel patch matrices: 5x the memory traffic of the conv itself. Here every
+// output pixel reads its 3x3 input window once, with the 16 channels as one vector
+// (GCC/Clang vector extensions: AVX-512 registers where the CPU has them, pairs of
+// AVX2 registers or NEON elsewhere).
+//
+// Work is split into fixed chunks of rows, run on the caller's thread and XLA's
+// intra-op thread pool; each output element (and each chunk's partial weight
+// gradient, added in chunk order) is computed by one chunk whatever thread runs it,
+// so results do not depend on the thread count or timing.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v16 splat(float s) { return (v16){} + s; }
+inline float hsum(v16 v) {  // a shuffle tree: 4 shuffles and 4 adds
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// Runs body(chunk) for chunk in [0, n) on the caller and the pool's threads. Each
+// chunk runs exactly once; which thread runs it does not change any result.
+template <typename Body>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const Body* b = &body;
+  auto work = [state, b, n]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < n;) {
+      (*b)(c);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // A helper that starts after every chunk is claimed returns at once and never touches
+  // `body`, which may be gone by then; `state` lives as long as the last helper.
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto copy = work;
+    pool.Schedule(std::move(copy));
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+struct Shape {
+  int64_t rows, h, w, c, f;  // rows = batch * h
+};
+
+// wpack[((a * 3 + b) * nc + k) * F + f] = the 16 channels 16k.. of tap (a, b), output f.
+template <int F>
+std::vector<v16> pack_weights(const float* w, int64_t c) {
+  int64_t nc = c / kLanes;
+  std::vector<v16> out(9 * nc * F);
+  for (int t = 0; t < 9; ++t)
+    for (int64_t k = 0; k < nc; ++k)
+      for (int f = 0; f < F; ++f) {
+        v16 v;
+        for (int l = 0; l < kLanes; ++l) v[l] = w[(t * c + k * kLanes + l) * F + f];
+        out[(t * nc + k) * F + f] = v;
+      }
+  return out;
+}
+
+constexpr int64_t kRowsPerChunk = 8;
+
+// One output pixel: for every tap inside the image, its C channels (NC vectors) times
+// the tap's weights. Border pixels check the taps; the others do not.
+template <int F, int NC, bool kBorder>
+inline void forward_pixel(const Shape& s, const float* x, const v16* wv, int64_t img, int64_t i,
+                          int64_t j, float* yp) {
+  const int64_t nc = NC > 0 ? NC : s.c / kLanes;
+  v16 acc[F] = {};
+  for (int a = 0; a < 3; ++a) {
+    int64_t ii = i + a - 1;
+    if (kBorder && (ii < 0 || ii >= s.h)) continue;
+    const float* xrow = x + ((img * s.h + ii) * s.w) * s.c;
+    for (int b = 0; b < 3; ++b) {
+      int64_t jj = j + b - 1;
+      if (kBorder && (jj < 0 || jj >= s.w)) continue;
+      const float* xp = xrow + jj * s.c;
+      const v16* wt = wv + (a * 3 + b) * nc * F;
+      for (int64_t k = 0; k < nc; ++k) {
+        v16 xv = load(xp + k * kLanes);
+        for (int f = 0; f < F; ++f) acc[f] += xv * wt[k * F + f];
+      }
+    }
+  }
+  for (int f = 0; f < F; ++f) yp[f] = hsum(acc[f]);
+}
+
+template <int F, int NC>
+void forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* w, float* y) {
+  std::vector<v16> wp = pack_weights<F>(w, s.c);
+  const v16* wv = wp.data();
+  int64_t chunks = (s.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(s.rows, (chunk + 1) * kRowsPerChunk); ++r) {
+      int64_t i = r % s.h, img = r / s.h;
+      float* yr = y + r * s.w * F;
+      if (i == 0 || i == s.h - 1 || s.w < 3) {
+        for (int64_t j = 0; j < s.w; ++j) forward_pixel<F, NC, true>(s, x, wv, img, i, j, yr + j * F);
+        continue;
+      }
+      forward_pixel<F, NC, true>(s, x, wv, img, i, 0, yr);
+      for (int64_t j = 1; j < s.w - 1; ++j) forward_pixel<F, NC, false>(s, x, wv, img, i, j, yr + j * F);
+      forward_pixel<F, NC, true>(s, x, wv, img, i, s.w - 1, yr + (s.w - 1) * F);
+    }
+  });
+}
+
+// dx[i, j, ch] = sum over taps (a, b) and f of dy[i - a + 1, j - b + 1, f] w[a, b, ch, f]
+template <int F, int NC, bool kBorder>
+inline void input_grad_pixel(const Shape& s, const float* dy, const v16* wv, int64_t img, int64_t i,
+                             int64_t j, float* dxp) {
+  const int64_t nc = NC > 0 ? NC : s.c / kLanes;
+  for (int64_t k = 0; k < nc; ++k) {
+    v16 acc = {};
+    for (int a = 0; a < 3; ++a) {
+      int64_t ii = i - a + 1;
+      if (kBorder && (ii < 0 || ii >= s.h)) continue;
+      const float* dyrow = dy + ((img * s.h + ii) * s.w) * F;
+      for (int b = 0; b < 3; ++b) {
+        int64_t jj = j - b + 1;
+        if (kBorder && (jj < 0 || jj >= s.w)) continue;
+        const float* d = dyrow + jj * F;
+        const v16* wt = wv + ((a * 3 + b) * nc + k) * F;
+        for (int f = 0; f < F; ++f) acc += splat(d[f]) * wt[f];
+      }
+    }
+    store(dxp + k * kLanes, acc);
+  }
+}
+
+template <int F, int NC>
+void input_grad(ffi::ThreadPool& pool, const Shape& s, const float* dy, const float* w, float* dx) {
+  std::vector<v16> wp = pack_weights<F>(w, s.c);
+  const v16* wv = wp.data();
+  int64_t chunks = (s.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(s.rows, (chunk + 1) * kRowsPerChunk); ++r) {
+      int64_t i = r % s.h, img = r / s.h;
+      float* dxr = dx + r * s.w * s.c;
+      if (i == 0 || i == s.h - 1 || s.w < 3) {
+        for (int64_t j = 0; j < s.w; ++j) input_grad_pixel<F, NC, true>(s, dy, wv, img, i, j, dxr + j * s.c);
+        continue;
+      }
+      input_grad_pixel<F, NC, true>(s, dy, wv, img, i, 0, dxr);
+      for (int64_t j = 1; j < s.w - 1; ++j) input_grad_pixel<F, NC, false>(s, dy, wv, img, i, j, dxr + j * s.c);
+      input_grad_pixel<F, NC, true>(s, dy, wv, img, i, s.w - 1, dxr + (s.w - 1) * s.c);
+    }
+  });
+}
+
+// dw[a, b, ch, f] = sum over positions of x[i + a - 1, j + b - 1, ch] dy[i, j, f]; each
+// chunk of rows sums into its own partial, and the partials are added in chunk order.
+template <int F>
+void weight_grad(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* dy, float* dw) {
+  const int64_t nc = s.c / kLanes;
+  int64_t chunks = (s.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::vector<v16> partial(chunks * 9 * nc * F);
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t k = 0; k < nc; ++k) {
+      v16 acc[9][F] = {};
+      for (int64_t r = chunk * kRowsPerChunk; r < std::min(s.rows, (chunk + 1) * kRowsPerChunk); ++r) {
+        int64_t i = r % s.h, img = r / s.h;
+        for (int64_t j = 0; j < s.w; ++j) {
+          const float* d = dy + (r * s.w + j) * F;
+          v16 dv[F];
+          for (int f = 0; f < F; ++f) dv[f] = splat(d[f]);
+          for (int a = 0; a < 3; ++a) {
+            int64_t ii = i + a - 1;
+            if (ii < 0 || ii >= s.h) continue;
+            const float* xrow = x + ((img * s.h + ii) * s.w) * s.c + k * kLanes;
+            for (int b = 0; b < 3; ++b) {
+              int64_t jj = j + b - 1;
+              if (jj < 0 || jj >= s.w) continue;
+              v16 xv = load(xrow + jj * s.c);
+              for (int f = 0; f < F; ++f) acc[a * 3 + b][f] += xv * dv[f];
+            }
+          }
+        }
+      }
+      for (int t = 0; t < 9; ++t)
+        for (int f = 0; f < F; ++f) partial[((chunk * 9 + t) * nc + k) * F + f] = acc[t][f];
+    }
+  });
+  for (int t = 0; t < 9; ++t)
+    for (int64_t k = 0; k < nc; ++k)
+      for (int f = 0; f < F; ++f) {
+        v16 sum = {};
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[((chunk * 9 + t) * nc + k) * F + f];
+        for (int l = 0; l < kLanes; ++l) dw[(t * s.c + k * kLanes + l) * F + f] = sum[l];
+      }
+}
+
+// act: the conv's input x (gradient = false) or its output gradient dy (gradient = true)
+ffi::Error check(ffi::Buffer<ffi::F32>& act, ffi::Buffer<ffi::F32>& w, bool gradient, Shape* s) {
+  auto ad = act.dimensions();
+  auto wd = w.dimensions();
+  if (ad.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3)
+    return ffi::Error::InvalidArgument("direct_conv: expected NHWC activations and a 3x3 HWIO kernel");
+  s->h = ad[1];
+  s->w = ad[2];
+  s->rows = ad[0] * ad[1];
+  s->c = wd[2];
+  s->f = wd[3];
+  if (ad[3] != (gradient ? s->f : s->c)) return ffi::Error::InvalidArgument("direct_conv: channel mismatch");
+  if (s->c % kLanes != 0 || s->f < 1 || s->f > 3)
+    return ffi::Error::InvalidArgument("direct_conv: needs input channels a multiple of 16 and 1-3 outputs");
+  return ffi::Error::Success();
+}
+
+template <template <int> class Op, typename... Args>
+void dispatch(int64_t f, Args&&... args) {
+  if (f == 1) Op<1>::run(args...);
+  if (f == 2) Op<2>::run(args...);
+  if (f == 3) Op<3>::run(args...);
+}
+template <int F> struct Fwd { template <typename... A> static void run(const Shape& s, A&&... a) {
+  if (s.c == kLanes) forward<F, 1>(a...); else forward<F, 0>(a...); } };
+template <int F> struct Dx { template <typename... A> static void run(const Shape& s, A&&... a) {
+  if (s.c == kLanes) input_grad<F, 1>(a...); else input_grad<F, 0>(a...); } };
+template <int F> struct Dw { template <typename... A> static void run(A&&... a) { weight_grad<F>(a...); } };
+
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  Shape s;
+  if (auto e = check(x, w, false, &s); e.failure()) return e;
+  dispatch<Fwd>(s.f, s, pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error DxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> dx) {
+  Shape s;
+  if (auto e = check(dy, w, true, &s); e.failure()) return e;
+  dispatch<Dx>(s.f, s, pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error DwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                  ffi::ResultBuffer<ffi::F32> dw) {
+  Shape s;
+  auto xd = x.dimensions();
+  auto dd = dy.dimensions();
+  auto wd = dw->dimensions();
+  if (xd.size() != 4 || dd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3)
+    return ffi::Error::InvalidArgument("direct_conv: expected NHWC x, dy and a 3x3 HWIO kernel");
+  s = {xd[0] * xd[1], xd[1], xd[2], wd[2], wd[3]};
+  if (xd[3] != s.c || dd[0] != xd[0] || dd[1] != xd[1] || dd[2] != xd[2] || dd[3] != s.f ||
+      s.c % kLanes != 0 || s.f < 1 || s.f > 3)
+    return ffi::Error::InvalidArgument("direct_conv: unsupported channels");
+  dispatch<Dw>(s.f, pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvDx, DxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvDw, DwImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,6 +1,7 @@
-"""The direct CPU kernels of the decoder's output conv (sils_jax/models/direct_conv.py):
-values and gradients to the second order against XLA's convolution, which convs take
-them, determinism, vmap and pmap, the train step, and the fallback without a compiler."""
+"""The direct CPU kernels of the decoder's output conv and up-convs
+(sils_jax/models/direct_conv.py): values and gradients to the second order against
+XLA's convolution, which convs take them, determinism, vmap and pmap, the train step,
+and the fallback without a compiler."""
 
 import functools
 import logging
@@ -64,6 +65,39 @@ def test_direct_conv_equals_xla_conv_to_second_order(shape, cout):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+# (input shape, features): the decoder's up-convs' channel counts (16/32/64/128 in,
+# 16/32/64 out) at small sizes, odd and one-pixel ones (every column on the border)
+_UP_CASES = [((2, 3, 4, 16), 16), ((1, 5, 6, 32), 16), ((2, 4, 4, 16), 32), ((1, 3, 3, 128), 64),
+             ((1, 1, 1, 16), 16), ((1, 2, 9, 64), 16), ((1, 9, 2, 16), 32)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,features", _UP_CASES)
+def test_direct_up_conv_equals_the_transposed_conv_to_second_order(shape, features):
+  """The phase form in the kernels against XLA's convolution of the same form and
+  flax's ConvTranspose: values, gradients, and the gradient of |dL/dx|^2."""
+  import flax.linen as nn
+  from sils_jax.models.upsample import phase_conv_transpose
+  x = jax.random.normal(jax.random.key(0), shape)
+  k = jax.random.normal(jax.random.key(1), (4, 4, shape[-1], features)) * 0.2
+  assert direct_conv.supports_up(shape[-1], features, x.dtype)
+  out = jax.jit(lambda x, k: phase_conv_transpose(x, k, "direct"))(x, k)
+  flax_out = nn.ConvTranspose(features, (4, 4), (2, 2), "SAME", use_bias=False).apply({"params": {"kernel": k}}, x)
+  np.testing.assert_allclose(out, flax_out, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(flax_out))))
+
+  def loss(impl):
+    return lambda x, k: jnp.sum(jnp.sin(phase_conv_transpose(x, k, impl)))
+
+  def r1(impl):
+    return lambda k, x: jnp.sum(jax.grad(loss(impl))(x, k) ** 2)
+  for fn, args in ((loss, (x, k)), (r1, (k, x))):
+    got = jax.jit(jax.grad(fn("direct"), (0, 1)))(*args)
+    want = jax.grad(fn("xla"), (0, 1))(*args)
+    for a, b in zip(got, want):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 @needs_kernels
 def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   """'auto' on the CPU: the output conv (3x3, 16 -> 3, float32) runs as the FFI call;
@@ -84,19 +118,33 @@ def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   assert not runs_direct((2, 8, 8, 16), (3, 3, 16, 3), padding="VALID")
   assert not runs_direct((2, 8, 8, 16), (4, 4, 16, 3))
   assert not runs_direct((2, 8, 8, 16), (3, 3, 16, 3), dtype=jnp.bfloat16)
-  # the decoder's output conv in the model
+  from sils_jax.models.upsample import phase_conv_transpose
+
+  def up_runs_direct(cin, features, dtype=jnp.float32, impl="auto"):
+    f = lambda x, k: jnp.sum(phase_conv_transpose(x, k, impl))
+    text = str(jax.make_jaxpr(jax.grad(f, (0, 1)))(jnp.zeros((2, 4, 4, cin), dtype),
+                                                   jnp.zeros((4, 4, cin, features), dtype)))
+    return "sils_direct_conv_up_fwd" in text
+  assert up_runs_direct(32, 16) and up_runs_direct(128, 64) and up_runs_direct(16, 16, impl="direct")
+  assert not up_runs_direct(32, 16, impl="winograd")
+  assert not up_runs_direct(256, 64)  # more input channels than the kernels' templates
+  assert not up_runs_direct(32, 8)
+  assert not up_runs_direct(32, 16, dtype=jnp.bfloat16)
+  # the decoder's output conv and its last three up-convs in the model (128 -> 64 and
+  # 256 -> 128 channels stay in XLA's forms)
   from sils_jax.models.unet import Decoder, Encoder
   x = jnp.zeros((1, 32, 32, 3))
   feats = Encoder().init_with_output(jax.random.key(0), x, train=False)[0]
   dec = Decoder(upsample="phases")
   v = dec.init(jax.random.key(1), feats, train=False)
-  assert "sils_direct_conv_fwd" in str(jax.make_jaxpr(lambda f: dec.apply(v, f, train=False))(feats))
+  text = str(jax.make_jaxpr(lambda f: dec.apply(v, f, train=False))(feats))
+  assert text.count("sils_direct_conv_fwd") == 1 and text.count("sils_direct_conv_up_fwd") == 3
 
 
 @needs_kernels
 def test_direct_conv_is_deterministic():
   """Fixed chunks of rows, partial weight gradients added in chunk order: the same bits
-  on every call, whichever thread runs which chunk."""
+  on every call, whichever thread runs which chunk (output conv and up-conv)."""
   x = jax.random.normal(jax.random.key(0), (4, 64, 64, 16))
   dy = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
   w = jax.random.normal(jax.random.key(2), (3, 3, 16, 3))
@@ -105,6 +153,14 @@ def test_direct_conv_is_deterministic():
   first = f(x, w, dy)
   for _ in range(3):
     for a, b in zip(f(x, w, dy), first):
+      np.testing.assert_array_equal(a, b)
+  k = jax.random.normal(jax.random.key(3), (2, 2, 16, 2, 2, 16))
+  dz = jax.random.normal(jax.random.key(4), (4, 128, 128, 16))
+  up = jax.jit(lambda x, k, dz: (direct_conv.up_conv(x, k), direct_conv.up_conv_input_grad(dz, k),
+                                 direct_conv.up_conv_weight_grad(x, dz, k.shape)))
+  first = up(x, k, dz)
+  for _ in range(3):
+    for a, b in zip(up(x, k, dz), first):
       np.testing.assert_array_equal(a, b)
 
 

@@ -130,12 +130,10 @@ def resolve_impl(impl: str, positions: int, features: int) -> str:
   return "thin" if thin else "winograd"
 
 
-def _takes_direct(impl: str, kernel_shape, strides, padding, *dtypes) -> bool:
-  """'direct', and 'auto' on the CPU backend where the kernels built: the convs
-  ``direct_conv.supports`` (the decoder's output conv) run as ``direct_conv.conv3x3``."""
-  if impl not in ("auto", "direct") or (impl == "auto" and jax.default_backend() != "cpu"):
-    return False
-  if not all(direct_conv.supports(kernel_shape, strides, padding, d) for d in dtypes):
+def takes_direct(impl: str, supported: bool) -> bool:
+  """Whether a conv the direct-conv kernels support (``supported``) runs in them:
+  with 'direct', and with 'auto' on the CPU backend where they built."""
+  if impl not in ("auto", "direct") or (impl == "auto" and jax.default_backend() != "cpu") or not supported:
     return False
   if impl == "direct" and not direct_conv.available():
     raise ValueError("config.conv_impl='direct' needs the direct-conv CPU kernels, which could not be "
@@ -154,7 +152,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   sh, sw = strides
   (pt, pb), (pl, pr) = _pads(h, kh, sh, padding), _pads(w, kw, sw, padding)
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-  if _takes_direct(impl, kernel.shape, strides, padding, x.dtype, kernel.dtype):
+  if takes_direct(impl, all(direct_conv.supports(kernel.shape, strides, padding, d) for d in (x.dtype, kernel.dtype))):
     return direct_conv.conv3x3(x, kernel)
   resolved = resolve_impl("winograd" if impl == "direct" else impl, b * ho * wo, cout)
   if resolved == "xla_pad":

@@ -286,6 +286,255 @@ ffi::Error DwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------
+// The decoder's up-convs: ConvTranspose(F, (4, 4), strides (2, 2), 'SAME') in the phase
+// form of sils_jax/models/upsample.py. With K = phase_kernel(kernel) as (2, 2, C, 2, 2,
+// F), indices (a, c, ch, py, px, f), output pixel (2m + py, 2n + px) of an H x W input is
+//   y[2m + py, 2n + px, f] = sum over a, c, ch of x[m + py + a - 1, n + px + c - 1, ch]
+//                            K[a, c, ch, py, px, f],
+// zero outside the input. F and C are multiples of 16 (vectors over f forward and in the
+// weight gradient, over ch in the input gradient).
+
+bool up_supported(int64_t c, int64_t f) {
+  return (c == 16 || c == 32 || c == 64 || c == 128) && (f == 16 || f == 32 || f == 64);
+}
+
+struct UpShape {
+  int64_t b, h, w, c, f;  // input N, H, W, C; output channels F
+};
+
+inline const float* kernel_at(const UpShape& s, const float* k, int a, int c, int64_t ch, int py, int px) {
+  return k + ((((a * 2 + c) * s.c + ch) * 2 + py) * 2 + px) * s.f;
+}
+
+// Output pixels (2m + py, 2(n0 + p) + px), p < P, of image img: P pixels share every
+// weight load. kCheck: the columns may fall outside the input (the first and last).
+template <int NF, int P, bool kCheck>
+inline void up_forward_block(const UpShape& s, const float* x, const float* k, int64_t img, int64_t m,
+                             int py, int64_t n0, int px, float* y) {
+  v16 acc[P][NF] = {};
+  for (int a = 0; a < 2; ++a) {
+    int64_t i = m + py + a - 1;
+    if (i < 0 || i >= s.h) continue;
+    for (int c = 0; c < 2; ++c) {
+      int64_t col0 = n0 + px + c - 1;
+      const float* xc = x + ((img * s.h + i) * s.w + col0) * s.c;
+      bool valid[P];
+      for (int p = 0; p < P; ++p) valid[p] = !kCheck || (col0 + p >= 0 && col0 + p < s.w);
+      for (int64_t ch = 0; ch < s.c; ++ch) {
+        const float* wk = kernel_at(s, k, a, c, ch, py, px);
+        v16 wv[NF];
+        for (int q = 0; q < NF; ++q) wv[q] = load(wk + q * kLanes);
+        for (int p = 0; p < P; ++p) {
+          if (kCheck && !valid[p]) continue;
+          v16 xv = splat(xc[p * s.c + ch]);
+          for (int q = 0; q < NF; ++q) acc[p][q] += xv * wv[q];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    float* yp = y + ((img * 2 * s.h + 2 * m + py) * 2 * s.w + 2 * (n0 + p) + px) * s.f;
+    for (int q = 0; q < NF; ++q) store(yp + q * kLanes, acc[p][q]);
+  }
+}
+
+template <int NF>
+void up_forward(ffi::ThreadPool& pool, const UpShape& s, const float* x, const float* k, float* y) {
+  constexpr int P = NF == 1 ? 8 : 4;
+  int64_t rows = s.b * s.h;  // input rows m; each gives output rows 2m and 2m + 1
+  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
+      int64_t img = r / s.h, m = r % s.h;
+      for (int py = 0; py < 2; ++py)
+        for (int px = 0; px < 2; ++px) {
+          // blocks of P columns; those holding the first or last column check theirs
+          int64_t n = 0;
+          for (; n + P <= s.w; n += P) {
+            if (n == 0 || n + P == s.w) up_forward_block<NF, P, true>(s, x, k, img, m, py, n, px, y);
+            else up_forward_block<NF, P, false>(s, x, k, img, m, py, n, px, y);
+          }
+          for (; n < s.w; ++n) up_forward_block<NF, 1, true>(s, x, k, img, m, py, n, px, y);
+        }
+    }
+  });
+}
+
+// dx[i, j, ch] = sum over (py, a, px, c) with m = i + 1 - py - a, n = j + 1 - px - c inside,
+// and f, of dy[2m + py, 2n + px, f] K[a, c, ch, py, px, f]; kt holds K as
+// (a, c, py, px, f, ch) so that ch is contiguous.
+template <int NC, int P, bool kCheck>
+inline void up_input_grad_block(const UpShape& s, const float* dy, const float* kt, int64_t img, int64_t i,
+                                int64_t j0, float* dx) {
+  v16 acc[P][NC] = {};
+  for (int py = 0; py < 2; ++py)
+    for (int a = 0; a < 2; ++a) {
+      int64_t m = i + 1 - py - a;
+      if (m < 0 || m >= s.h) continue;
+      const float* dyrow = dy + ((img * 2 * s.h + 2 * m + py) * 2 * s.w) * s.f;
+      for (int px = 0; px < 2; ++px)
+        for (int c = 0; c < 2; ++c) {
+          int64_t n0 = j0 + 1 - px - c;
+          bool valid[P];
+          for (int p = 0; p < P; ++p) valid[p] = !kCheck || (n0 + p >= 0 && n0 + p < s.w);
+          const float* wt = kt + ((((a * 2 + c) * 2 + py) * 2 + px) * s.f) * s.c;
+          for (int64_t f = 0; f < s.f; ++f) {
+            v16 wv[NC];
+            for (int q = 0; q < NC; ++q) wv[q] = load(wt + f * s.c + q * kLanes);
+            for (int p = 0; p < P; ++p) {
+              if (kCheck && !valid[p]) continue;
+              v16 d = splat(dyrow[(2 * (n0 + p) + px) * s.f + f]);
+              for (int q = 0; q < NC; ++q) acc[p][q] += d * wv[q];
+            }
+          }
+        }
+    }
+  for (int p = 0; p < P; ++p) {
+    float* out = dx + ((img * s.h + i) * s.w + j0 + p) * s.c;
+    for (int q = 0; q < NC; ++q) store(out + q * kLanes, acc[p][q]);
+  }
+}
+
+template <int NC>
+void up_input_grad(ffi::ThreadPool& pool, const UpShape& s, const float* dy, const float* k, float* dx) {
+  constexpr int P = NC == 1 ? 8 : NC == 2 ? 4 : NC == 4 ? 2 : 1;
+  std::vector<float> kt(16 * s.f * s.c);  // (a, c, py, px, f, ch)
+  for (int t = 0; t < 4; ++t)
+    for (int64_t ch = 0; ch < s.c; ++ch)
+      for (int ph = 0; ph < 4; ++ph)
+        for (int64_t f = 0; f < s.f; ++f) kt[((t * 4 + ph) * s.f + f) * s.c + ch] = k[((t * s.c + ch) * 4 + ph) * s.f + f];
+  const float* ktp = kt.data();
+  int64_t rows = s.b * s.h;
+  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
+      int64_t img = r / s.h, i = r % s.h;
+      int64_t j = 0;
+      for (; j + P <= s.w; j += P) {
+        if (j == 0 || j + P == s.w) up_input_grad_block<NC, P, true>(s, dy, ktp, img, i, j, dx);
+        else up_input_grad_block<NC, P, false>(s, dy, ktp, img, i, j, dx);
+      }
+      for (; j < s.w; ++j) up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, j, dx);
+    }
+  });
+}
+
+// dK[a, c, ch, py, px, f] = sum over img, m, n of x[m + py + a - 1, n + px + c - 1, ch]
+// dy[2m + py, 2n + px, f]: per chunk of input rows, 4 channels at a time (16 NF
+// accumulators; 4 / NF channels for NF vectors of f), into the chunk's partial; the partials are added in chunk order.
+template <int NF>
+void up_weight_grad(ffi::ThreadPool& pool, const UpShape& s, const float* x, const float* dy, float* dk) {
+  constexpr int CB = 4 / NF;
+  const int64_t ksize = 16 * s.c * s.f;
+  int64_t rows = s.b * s.h;
+  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::vector<float> partial(chunks * ksize);
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    float* part = partial.data() + chunk * ksize;
+    int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
+    for (int py = 0; py < 2; ++py)
+      for (int px = 0; px < 2; ++px)
+        for (int64_t ch0 = 0; ch0 < s.c; ch0 += CB) {
+          const int cb = static_cast<int>(std::min<int64_t>(CB, s.c - ch0));
+          v16 acc[2][2][CB][NF] = {};
+          for (int64_t r = r0; r < r1; ++r) {
+            int64_t img = r / s.h, m = r % s.h;
+            const float* dyrow = dy + ((img * 2 * s.h + 2 * m + py) * 2 * s.w) * s.f;
+            const float* xrow[2];
+            for (int a = 0; a < 2; ++a) {
+              int64_t i = m + py + a - 1;
+              xrow[a] = (i < 0 || i >= s.h) ? nullptr : x + ((img * s.h + i) * s.w) * s.c + ch0;
+            }
+            auto pixel = [&](int64_t n, bool check) {
+              v16 d[NF];
+              for (int q = 0; q < NF; ++q) d[q] = load(dyrow + (2 * n + px) * s.f + q * kLanes);
+              for (int a = 0; a < 2; ++a) {
+                if (!xrow[a]) continue;
+                for (int c = 0; c < 2; ++c) {
+                  int64_t col = n + px + c - 1;
+                  if (check && (col < 0 || col >= s.w)) continue;
+                  const float* xp = xrow[a] + col * s.c;
+                  for (int e = 0; e < CB; ++e) {
+                    if (e >= cb) break;
+                    v16 xv = splat(xp[e]);
+                    for (int q = 0; q < NF; ++q) acc[a][c][e][q] += xv * d[q];
+                  }
+                }
+              }
+            };
+            if (s.w > 0) pixel(0, true);
+            for (int64_t n = 1; n < s.w - 1; ++n) pixel(n, false);
+            if (s.w > 1) pixel(s.w - 1, true);
+          }
+          for (int a = 0; a < 2; ++a)
+            for (int c = 0; c < 2; ++c)
+              for (int e = 0; e < cb; ++e)
+                for (int q = 0; q < NF; ++q)
+                  store(part + ((((a * 2 + c) * s.c + ch0 + e) * 2 + py) * 2 + px) * s.f + q * kLanes, acc[a][c][e][q]);
+        }
+  });
+  std::fill(dk, dk + ksize, 0.f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* part = partial.data() + chunk * ksize;
+    for (int64_t e = 0; e < ksize; ++e) dk[e] += part[e];
+  }
+}
+
+// x (N, H, W, C) or dy (N, 2H, 2W, F), and K (2, 2, C, 2, 2, F): the shape, or an error.
+ffi::Error up_shape(ffi::Buffer<ffi::F32>& act, bool gradient, const ffi::Span<const int64_t>& kd, UpShape* s) {
+  auto ad = act.dimensions();
+  if (ad.size() != 4 || kd.size() != 6 || kd[0] != 2 || kd[1] != 2 || kd[3] != 2 || kd[4] != 2)
+    return ffi::Error::InvalidArgument("direct_conv up-conv: expected NHWC activations and a (2, 2, C, 2, 2, F) kernel");
+  *s = {ad[0], gradient ? ad[1] / 2 : ad[1], gradient ? ad[2] / 2 : ad[2], kd[2], kd[5]};
+  if (ad[3] != (gradient ? s->f : s->c) || (gradient && (ad[1] % 2 || ad[2] % 2)))
+    return ffi::Error::InvalidArgument("direct_conv up-conv: activation shape does not match the kernel");
+  if (!up_supported(s->c, s->f))
+    return ffi::Error::InvalidArgument("direct_conv up-conv: needs C in {16, 32, 64, 128} and F in {16, 32, 64}");
+  return ffi::Error::Success();
+}
+
+ffi::Error UpFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  UpShape s;
+  if (auto e = up_shape(x, false, k.dimensions(), &s); e.failure()) return e;
+  const float *xp = x.typed_data(), *kp = k.typed_data();
+  float* yp = y->typed_data();
+  if (s.f == 16) up_forward<1>(pool, s, xp, kp, yp);
+  if (s.f == 32) up_forward<2>(pool, s, xp, kp, yp);
+  if (s.f == 64) up_forward<4>(pool, s, xp, kp, yp);
+  return ffi::Error::Success();
+}
+
+ffi::Error UpDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
+                    ffi::ResultBuffer<ffi::F32> dx) {
+  UpShape s;
+  if (auto e = up_shape(dy, true, k.dimensions(), &s); e.failure()) return e;
+  const float *dp = dy.typed_data(), *kp = k.typed_data();
+  float* out = dx->typed_data();
+  if (s.c == 16) up_input_grad<1>(pool, s, dp, kp, out);
+  if (s.c == 32) up_input_grad<2>(pool, s, dp, kp, out);
+  if (s.c == 64) up_input_grad<4>(pool, s, dp, kp, out);
+  if (s.c == 128) up_input_grad<8>(pool, s, dp, kp, out);
+  return ffi::Error::Success();
+}
+
+ffi::Error UpDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                    ffi::ResultBuffer<ffi::F32> dk) {
+  UpShape s;
+  if (auto e = up_shape(x, false, dk->dimensions(), &s); e.failure()) return e;
+  auto dd = dy.dimensions();
+  if (dd.size() != 4 || dd[0] != s.b || dd[1] != 2 * s.h || dd[2] != 2 * s.w || dd[3] != s.f)
+    return ffi::Error::InvalidArgument("direct_conv up-conv: dy shape does not match x and the kernel");
+  const float *xp = x.typed_data(), *dp = dy.typed_data();
+  float* out = dk->typed_data();
+  if (s.f == 16) up_weight_grad<1>(pool, s, xp, dp, out);
+  if (s.f == 32) up_weight_grad<2>(pool, s, xp, dp, out);
+  if (s.f == 64) up_weight_grad<4>(pool, s, xp, dp, out);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvFwd, FwdImpl,
@@ -306,3 +555,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvDw, DwImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+#define SILS_UP_HANDLER(NAME, IMPL)                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, IMPL,                           \
+                                ffi::Ffi::Bind()                      \
+                                    .Ctx<ffi::ThreadPool>()           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()     \
+                                    .Arg<ffi::Buffer<ffi::F32>>()     \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+SILS_UP_HANDLER(SilsDirectUpConvFwd, UpFwdImpl)
+SILS_UP_HANDLER(SilsDirectUpConvDx, UpDxImpl)
+SILS_UP_HANDLER(SilsDirectUpConvDw, UpDwImpl)

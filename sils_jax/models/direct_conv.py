@@ -1,11 +1,16 @@
-"""A direct CPU kernel for the decoder's output conv (3x3, 16 -> 3 channels), with its
-gradients, as XLA FFI calls (``direct_conv.cc``).
+"""Direct CPU kernels for the decoder's convolutions, with their gradients, as XLA FFI
+calls (``direct_conv.cc``): the output conv (3x3, 16 -> 3 channels; ``conv3x3``) and
+the 4x4 stride-2 up-convs in their phase form (``up_conv``).
 
-In XLA's graph that conv moves about 5x the data of the conv itself (a 27-channel
-product and shifted sum forward, 27-channel patch matrices backward); at 128x128,
-batch 8 its forward + gradients took 11.9 ms in the matrix form against 2.6 ms here
-(benchmarks/README.md). ``conv.conv2d`` takes this form where ``supports`` says so
-and the kernels are ``available``.
+In XLA's graph these convs move several times the data of the convs themselves: the
+output conv a 27-channel product and shifted sum forward and 27-channel patch matrices
+backward, each up-conv a 4-window patch matrix, a 4-phase product and the phases'
+interleave, and the transposes of all three backward. The kernels read each input
+window in place and write each output pixel once. At 128x128, batch 8, the output
+conv's forward + gradients took 2.6 ms against 11.9 ms in the matrix form, and the
+decoder's forward + gradients 46 against 68 ms (benchmarks/README.md).
+``conv.conv2d`` and ``upsample.phase_conv_transpose`` take them where ``supports`` /
+``supports_up`` say so and the kernels are ``available``.
 
 The kernels are compiled from the C++ source on first use, once per machine, with the
 C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) and ``-O3 -march=native``,
@@ -39,9 +44,12 @@ from absl import logging
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_conv.cc")
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw"}
+_TARGETS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw",
+            "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw"}
 LANES = 16  # input channels per vector in the kernels
 MAX_FEATURES = 3
+UP_IN_CHANNELS = (16, 32, 64, 128)  # the up-conv kernels' templates (direct_conv.cc)
+UP_FEATURES = (16, 32, 64)
 
 _lock = threading.Lock()
 _state: dict = {}  # 'ok': bool, 'reason': str, 'path': str
@@ -145,34 +153,55 @@ def _call(name: str, shape, *args) -> jax.Array:
                           vmap_method="sequential")(*args)
 
 
-@jax.custom_vjp
-def conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
-  """y[n, i, j, f] = sum over a, b in {0, 1, 2} and c of x[n, i + a - 1, j + b - 1, c]
-  w[a, b, c, f], zero outside the image ('SAME' 3x3, stride 1)."""
-  return _call("fwd", x.shape[:3] + w.shape[3:], x, w)
+def _bilinear(fwd_name: str, dx_name: str, dw_name: str, out_shape, in_shape):
+  """The custom-VJP trio of a bilinear map y = T(x, w) computed by three FFI calls:
+  ``apply(x, w)``, its transpose in x ``input_grad(dy, w)`` and in w
+  ``weight_grad(x, dy, w_shape)``. Their derivatives are each other:
+  <u, input_grad(dy, w)> = <dy, apply(u, w)> = <w, weight_grad(u, dy)> and
+  <v, weight_grad(x, dy)> = <x, input_grad(dy, v)> = <dy, apply(x, v)>, so every
+  order of gradient stays in the three calls. ``out_shape(x_shape, w_shape)`` and
+  ``in_shape(dy_shape, w_shape)`` give the result shapes."""
+
+  @jax.custom_vjp
+  def apply(x, w):
+    return _call(fwd_name, out_shape(x.shape, w.shape), x, w)
+
+  @jax.custom_vjp
+  def input_grad(dy, w):
+    return _call(dx_name, in_shape(dy.shape, w.shape), dy, w)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def weight_grad(x, dy, w_shape):
+    return _call(dw_name, tuple(w_shape), x, dy)
+
+  apply.defvjp(lambda x, w: (apply(x, w), (x, w)),
+               lambda res, dy: (input_grad(dy, res[1]), weight_grad(res[0], dy, res[1].shape)))
+  input_grad.defvjp(lambda dy, w: (input_grad(dy, w), (dy, w)),
+                    lambda res, u: (apply(u, res[1]), weight_grad(u, res[0], res[1].shape)))
+  weight_grad.defvjp(lambda x, dy, w_shape: (weight_grad(x, dy, w_shape), (x, dy)),
+                     lambda w_shape, res, v: (input_grad(res[1], v), apply(res[0], v)))
+  return apply, input_grad, weight_grad
 
 
-@jax.custom_vjp
-def conv3x3_input_grad(dy: jax.Array, w: jax.Array) -> jax.Array:
-  """The transpose of ``conv3x3`` in x: dx[n, i, j, c] = sum over a, b, f of
-  dy[n, i - a + 1, j - b + 1, f] w[a, b, c, f]."""
-  return _call("dx", dy.shape[:3] + w.shape[2:3], dy, w)
+# y[n, i, j, f] = sum over a, b in {0, 1, 2} and c of x[n, i + a - 1, j + b - 1, c]
+# w[a, b, c, f], zero outside the image ('SAME' 3x3, stride 1); its input gradient
+# dx[n, i, j, c] = sum over a, b, f of dy[n, i - a + 1, j - b + 1, f] w[a, b, c, f]; its
+# weight gradient dw[a, b, c, f] = sum over n, i, j of x[n, i + a - 1, j + b - 1, c] dy[n, i, j, f].
+conv3x3, conv3x3_input_grad, conv3x3_weight_grad = _bilinear(
+    "fwd", "dx", "dw", lambda xs, ws: xs[:3] + ws[3:], lambda ds, ws: ds[:3] + ws[2:3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape) -> jax.Array:
-  """The transpose of ``conv3x3`` in w: dw[a, b, c, f] = sum over n, i, j of
-  x[n, i + a - 1, j + b - 1, c] dy[n, i, j, f]."""
-  return _call("dw", tuple(kernel_shape), x, dy)
+def supports_up(in_channels: int, features: int, dtype) -> bool:
+  """Whether the kernels compute this up-conv (``upsample.phase_conv_transpose``)."""
+  return (in_channels in UP_IN_CHANNELS and features in UP_FEATURES
+          and jnp.dtype(dtype) == jnp.float32)
 
 
-conv3x3.defvjp(lambda x, w: (conv3x3(x, w), (x, w)),
-               lambda res, dy: (conv3x3_input_grad(dy, res[1]), conv3x3_weight_grad(res[0], dy, res[1].shape)))
-# <u, dx(dy, w)> = <dy, conv(u, w)> = <w, dw(u, dy)>
-conv3x3_input_grad.defvjp(
-    lambda dy, w: (conv3x3_input_grad(dy, w), (dy, w)),
-    lambda res, u: (conv3x3(u, res[1]), conv3x3_weight_grad(u, res[0], res[1].shape)))
-# <v, dw(x, dy)> = <x, dx(dy, v)> = <dy, conv(x, v)>
-conv3x3_weight_grad.defvjp(
-    lambda x, dy, shape: (conv3x3_weight_grad(x, dy, shape), (x, dy)),
-    lambda shape, res, v: (conv3x3_input_grad(res[1], v), conv3x3(res[0], v)))
+# The up-convs, ConvTranspose(F, (4, 4), (2, 2), 'SAME') in the phase form
+# (sils_jax/models/upsample.py), with k = phase_kernel(kernel) as (2, 2, C, 2, 2, F):
+# y[n, 2m + py, 2q + px, f] = sum over a, c in {0, 1} and ch of
+# x[n, m + py + a - 1, q + px + c - 1, ch] k[a, c, ch, py, px, f], zero outside the input.
+up_conv, up_conv_input_grad, up_conv_weight_grad = _bilinear(
+    "up_fwd", "up_dx", "up_dw",
+    lambda xs, ks: (xs[0], 2 * xs[1], 2 * xs[2], ks[5]),
+    lambda ds, ks: (ds[0], ds[1] // 2, ds[2] // 2, ks[2]))

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sils_jax.models.conv import conv2d, transpose_pair
+from sils_jax.models import direct_conv
+from sils_jax.models.conv import conv2d, takes_direct, transpose_pair
 
 UPSAMPLE_IMPLS = ("auto", "subpixel", "phases", "transpose")
 
@@ -136,8 +137,11 @@ def phase_conv_transpose(x: jax.Array, kernel: jax.Array, conv_impl: str = "auto
   serves all four phases: 16 Cin F multiply-adds per input position, as the
   transposed conv, against 36 Cin F for the sub-pixel form's 3x3 conv.
   """
-  b, h, w, _ = x.shape
+  b, h, w, cin = x.shape
   feat = kernel.shape[-1]
+  if takes_direct(conv_impl, all(direct_conv.supports_up(cin, feat, d) for d in (x.dtype, kernel.dtype))):
+    # the same sums in C++ kernels that write each phase in place (direct_conv.py)
+    return direct_conv.up_conv(x, phase_kernel(kernel).reshape(2, 2, cin, 2, 2, feat))
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   z = conv2d(xp, phase_kernel(kernel), (1, 1), "VALID", conv_impl).reshape(b, h + 1, w + 1, 2, 2, feat)
   return interleave_phases(z)

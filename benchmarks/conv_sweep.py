@@ -22,6 +22,10 @@ for the discriminators' also the R1 penalty's second-order gradient, as the step
 computes them. The thresholds of ``conv._winograd_pays`` were read off these lines
 and checked in the step (results/cpu_winograd_layers_2026-11-28.jsonl).
 
+``--direct``: the decoder's up-convs (phase form) and output conv at 128 px and
+``--batch``, the direct-conv kernels (sils_jax/models/direct_conv.py) against XLA's
+matrix forms, forward and gradients apart (results/cpu_direct_layers_b8_2026-12-07.jsonl).
+
 ``--thin``: the decoder's output conv (3x3, 16 -> 3 channels) over 16384 to 131072
 positions, forward and gradients timed apart for XLA's convolution, 'matmul' and
 ``conv._thin_conv`` (the matrix form's forward with XLA's gradients), alternately;
@@ -170,14 +174,55 @@ def thin_layers(repeats):
     print(json.dumps(row), flush=True)
 
 
+def direct_layers(batch, repeats):
+  """The decoder's output conv and up-convs at 128 px and ``batch``: the direct-conv
+  kernels (conv_impl='direct') against XLA's matrix forms ('winograd'), forward and
+  gradients (both inputs' VJP) timed apart, alternately; medians; ``direct`` says
+  whether the kernels take the layer."""
+  from sils_jax.models import direct_conv
+  from sils_jax.models.upsample import phase_conv_transpose
+  if not direct_conv.available():
+    raise SystemExit(f"direct-conv kernels unavailable: {direct_conv.unavailable_reason()}")
+  rng = np.random.default_rng(0)
+  cases = [("up", 128 // 32 * 2 ** i, cin, f) for i, (cin, f) in
+           enumerate([(256, 128), (256, 64), (128, 32), (64, 16), (32, 16)])] + [("out", 128, 16, 3)]
+  for kind, h, cin, f in cases:
+    x = jnp.asarray(rng.standard_normal((batch, h, h, cin)), jnp.float32)
+    if kind == "up":
+      w = jnp.asarray(rng.standard_normal((4, 4, cin, f)) * 0.1, jnp.float32)
+      forms = {impl: (lambda x, w, impl=impl: phase_conv_transpose(x, w, impl)) for impl in ("winograd", "direct")}
+      takes = direct_conv.supports_up(cin, f, x.dtype)
+    else:
+      w = jnp.asarray(rng.standard_normal((3, 3, cin, f)) * 0.1, jnp.float32)
+      forms = {impl: (lambda x, w, impl=impl: conv2d(x, w, (1, 1), "SAME", impl)) for impl in ("winograd", "direct")}
+      takes = direct_conv.supports(w.shape, (1, 1), "SAME", x.dtype)
+    dy = jnp.asarray(rng.standard_normal(jax.eval_shape(forms["winograd"], x, w).shape), jnp.float32)
+    fns = {name: (jax.jit(fn), jax.jit(lambda x, w, dy, fn=fn: jax.vjp(fn, x, w)[1](dy))) for name, fn in forms.items()}
+    times = {(name, piece): [] for name in fns for piece in ("fwd", "grad")}
+    for name, (fwd, grad) in fns.items():
+      jax.block_until_ready((fwd(x, w), grad(x, w, dy)))
+    for _ in range(repeats):
+      for name, (fwd, grad) in fns.items():
+        for piece, fn, args in (("fwd", fwd, (x, w)), ("grad", grad, (x, w, dy))):
+          t = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          times[(name, piece)].append((time.perf_counter() - t) * 1e3)
+    row = dict(S=128, B=batch, kind=kind, h=h, cin=cin, cout=f, direct=takes)
+    for (name, piece), v in times.items():
+      row[f"{piece}_{name}"] = round(float(np.median(v)), 2)
+    print(json.dumps(row), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--pieces", action="store_true", help="forward, dx and dw apart, 128 px, phases up-convs")
   p.add_argument("--winograd", action="store_true", help="4x4 stride-2 convs: matmul vs Winograd, 128 px")
   p.add_argument("--thin", action="store_true", help="the output conv over 16384-131072 positions: "
                  "XLA, matmul and the thin form, forward and gradients apart")
+  p.add_argument("--direct", action="store_true", help="the decoder's up-convs and output conv at 128 px: "
+                 "the direct-conv kernels against XLA's matrix forms, forward and gradients apart")
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=9, help="--winograd, --thin: alternating timed calls per form")
+  p.add_argument("--repeats", type=int, default=9, help="--winograd, --thin, --direct: alternating timed calls per form")
   args = p.parse_args()
   if args.pieces:
     return pieces(args.batch)
@@ -185,6 +230,8 @@ def main():
     return winograd_layers(args.batch, args.repeats)
   if args.thin:
     return thin_layers(args.repeats)
+  if args.direct:
+    return direct_layers(args.batch, args.repeats)
   rng = np.random.default_rng(0)
   for size, batch in [(128, 1), (128, 8), (64, 1), (64, 8)]:
     for kind, h, cin, cout, k, s in layers(size):

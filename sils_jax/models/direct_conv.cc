@@ -38,7 +38,8 @@ inline v16 load(const float* p) {
   return v;
 }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline v16 splat(float s) { return (v16){} + s; }
+// (not `(v16){} + s`: 0 + s may not fold away under IEEE rules, and costs an add)
+inline v16 splat(float s) { return (v16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 inline float hsum(v16 v) {  // a shuffle tree: 4 shuffles and 4 adds
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
@@ -189,7 +190,8 @@ template <int F>
 void weight_grad(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* dy, float* dw) {
   const int64_t nc = s.c / kLanes;
   int64_t chunks = (s.rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  std::vector<v16> partial(chunks * 9 * nc * F);
+  // every chunk writes all of its partial: no zero-filling
+  std::unique_ptr<v16[]> partial(new v16[chunks * 9 * nc * F]);
   parallel_chunks(pool, chunks, [&](int64_t chunk) {
     for (int64_t k = 0; k < nc; ++k) {
       v16 acc[9][F] = {};
@@ -430,9 +432,9 @@ void up_weight_grad(ffi::ThreadPool& pool, const UpShape& s, const float* x, con
   const int64_t ksize = 16 * s.c * s.f;
   int64_t rows = s.b * s.h;
   int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  std::vector<float> partial(chunks * ksize);
+  std::unique_ptr<float[]> partial(new float[chunks * ksize]);  // each chunk writes all of its own
   parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    float* part = partial.data() + chunk * ksize;
+    float* part = partial.get() + chunk * ksize;
     int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
     for (int py = 0; py < 2; ++py)
       for (int px = 0; px < 2; ++px)
@@ -477,7 +479,7 @@ void up_weight_grad(ffi::ThreadPool& pool, const UpShape& s, const float* x, con
   });
   std::fill(dk, dk + ksize, 0.f);
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* part = partial.data() + chunk * ksize;
+    const float* part = partial.get() + chunk * ksize;
     for (int64_t e = 0; e < ksize; ++e) dk[e] += part[e];
   }
 }

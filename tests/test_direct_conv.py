@@ -98,6 +98,25 @@ def test_direct_up_conv_equals_the_transposed_conv_to_second_order(shape, featur
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+# (input shape, output channels): 4x4 stride-2 'SAME' convs of even-sized inputs with
+# 16k input and output channels (the encoders' and discriminators' but the first),
+# including one-pixel outputs and more output channels than one block of 4 vectors
+_STRIDED_CASES = [((2, 8, 8, 16), 16), ((1, 6, 10, 32), 32), ((2, 4, 4, 64), 64), ((1, 2, 2, 16), 128),
+                  ((1, 12, 4, 64), 48), ((1, 4, 4, 128), 16), ((1, 2, 4, 16), 256)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,cout", _STRIDED_CASES)
+def test_direct_strided_conv_equals_xla_conv_to_second_order(shape, cout):
+  from test_models import _assert_equals_xla_conv_to_second_order
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (4, 4, shape[-1], cout)) * 0.2
+  assert direct_conv.supports_strided(x.shape, w.shape, (2, 2), "SAME", x.dtype)
+  _assert_equals_xla_conv_to_second_order("direct", x, w, (2, 2), "SAME")
+  text = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, (2, 2), "SAME", "direct"))(x, w))
+  assert "sils_direct_conv_s2_fwd" in text
+
+
 @needs_kernels
 def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   """'auto' on the CPU: the output conv (3x3, 16 -> 3, float32) runs as the FFI call;
@@ -107,7 +126,7 @@ def test_auto_takes_the_kernels_only_for_the_convs_they_support():
     f = lambda x, w: conv.conv2d(x, w, s, padding, impl)
     text = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(f(x, w)), (0, 1)))(
         jnp.zeros(shape, dtype), jnp.zeros(kernel, dtype)))
-    return "sils_direct_conv_fwd" in text
+    return "sils_direct_conv_" in text  # any of the kernels
   assert runs_direct((2, 8, 8, 16), (3, 3, 16, 3))
   assert runs_direct((2, 8, 8, 16), (3, 3, 16, 3), impl="direct")
   assert not runs_direct((2, 8, 8, 16), (3, 3, 16, 3), impl="winograd")
@@ -130,6 +149,17 @@ def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   assert not up_runs_direct(256, 64)  # more input channels than the kernels' templates
   assert not up_runs_direct(32, 8)
   assert not up_runs_direct(32, 16, dtype=jnp.bfloat16)
+  # 4x4 stride-2: 16k channels, even sizes, float32; not where Winograd pays over fewer
+  # than DIRECT_OVER_WINOGRAD_POSITIONS positions
+  assert runs_direct((2, 8, 8, 16), (4, 4, 16, 32), strides="22")
+  assert not runs_direct((2, 8, 8, 3), (4, 4, 3, 16), strides="22")  # the first convs
+  assert not runs_direct((2, 8, 8, 16), (4, 4, 16, 8), strides="22")
+  assert not runs_direct((2, 9, 9, 16), (4, 4, 16, 32), strides="22")  # odd size
+  assert not runs_direct((2, 8, 8, 16), (4, 4, 16, 32), strides="22", dtype=jnp.bfloat16)
+  assert conv.DIRECT_OVER_WINOGRAD_POSITIONS == 8192
+  for impl in ("auto", "direct"):  # Winograd's at 2048 positions, the kernels' from 8192
+    assert not runs_direct((2, 64, 64, 32), (4, 4, 32, 64), strides="22", impl=impl)
+    assert runs_direct((8, 64, 64, 32), (4, 4, 32, 64), strides="22", impl=impl)
   # the decoder's output conv and its last three up-convs in the model (128 -> 64 and
   # 256 -> 128 channels stay in XLA's forms)
   from sils_jax.models.unet import Decoder, Encoder
@@ -139,6 +169,10 @@ def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   v = dec.init(jax.random.key(1), feats, train=False)
   text = str(jax.make_jaxpr(lambda f: dec.apply(v, f, train=False))(feats))
   assert text.count("sils_direct_conv_fwd") == 1 and text.count("sils_direct_conv_up_fwd") == 3
+  # the encoder's convs but the first (3 input channels) at batch 1
+  enc = Encoder()
+  ev = enc.init(jax.random.key(2), x, train=False)
+  assert str(jax.make_jaxpr(lambda x: enc.apply(ev, x, train=False))(x)).count("sils_direct_conv_s2_fwd") == 4
 
 
 @needs_kernels
@@ -191,15 +225,18 @@ print("ok")
 
 @needs_kernels
 def test_train_step_with_direct_conv_matches_the_xla_forms():
-  """One train step of a model whose decoder ends in 16 channels, with the output conv
-  as the kernels ('direct') against XLA's matrix forms ('winograd'): the same losses
-  and updated parameters to float rounding."""
+  """One train step of a model with 16k channels, whose every conv but the 3-channel
+  first ones (and the 8-channel discriminator logits) runs in the kernels ('direct',
+  the R1 penalty's second order included), against XLA's matrix forms ('winograd'):
+  the same losses and updated parameters to float rounding."""
   from test_train import _one_step
   from tiny_config import tiny_config
   runs = {}
   for impl in ("winograd", "direct"):
     c = tiny_config()
-    c.decoder_features = (8, 8, 8, 16, 16)
+    c.encoder_features = (16, 16, 16, 16, 16)
+    c.decoder_features = (16, 16, 16, 16, 16)
+    c.disc_features = (16, 16, 16, 16)
     c.conv_impl = impl
     runs[impl] = _one_step(c)
   a, b = runs["winograd"], runs["direct"]

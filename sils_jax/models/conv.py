@@ -46,12 +46,18 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
             Smaller maps (every conv at batch 1) and the up-convs measured slower in
             this form, so they keep 'matmul'; the thin output conv takes ``_thin_conv``, as
             with 'auto'.
-  'direct'  'winograd', except for the convs ``direct_conv.supports`` (3x3, stride 1,
-            'SAME', float32, 16k input channels, 1-3 outputs: the decoder's output conv),
-            which run as ``direct_conv.conv3x3``: C++ kernels through XLA's FFI that
-            read each input window in place (forward + gradients 2.6 against 11.9 ms
-            at 128x128, batch 8; the step at 0.95 of 'winograd''s in one process,
-            benchmarks/README.md). A clear error if the kernels cannot be built.
+  'direct'  'winograd', except for the convs the direct-conv CPU kernels take
+            (``direct_conv.py``, C++ through XLA's FFI, reading each input window in
+            place): the decoder's output conv (``direct_conv.supports``: 3x3, stride
+            1, 16k -> 1-3 channels), its up-convs with 16-128 input channels
+            (``upsample.phase_conv_transpose``) and the 4x4 stride-2 convs of
+            even-sized inputs with 16k input and output channels
+            (``_strided_direct_pays``: all but the 3-channel first convs, and not
+            where Winograd pays over fewer than ``DIRECT_OVER_WINOGRAD_POSITIONS``
+            positions). In one process at 128x128 the step took 0.78 of 'winograd''s
+            time at batch 8 and 0.94 at batch 1 with the decoder's kernels, then 0.90
+            and 0.94 of that with the strided ones (benchmarks/README.md). Float32 on
+            the CPU backend only; a clear error if the kernels cannot be built.
   'auto'    'direct' on the CPU backend where the kernels built (else 'winograd': one
             warning says why); 'xla' on every other backend. Without the kernels, and
             in a process where glibc does not keep freed memory
@@ -106,6 +112,13 @@ MATMUL_MAX_THIN_POSITIONS = 65536
 # unchanged.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_POSITIONS = 2048
+# 'direct' / 'auto' with the kernels (direct_conv.strided_conv), per layer, gradients (and
+# R1's second order for the discriminators), 128x128, in one process, direct / before:
+# batch 8: encoder 16->32 0.87, 32->64 1.05, 64->128 0.78, 128->256 0.83; discriminator
+# 32->64 0.87 (R1 0.85), 64->128 1.29 (1.26), 128->32 0.68 (0.70); batch 1: 0.53-0.96
+# for every one. The two that lose are Winograd's at 2048 positions; at 8192 (the
+# second convs) the kernels win against Winograd too.
+DIRECT_OVER_WINOGRAD_POSITIONS = 8192
 
 
 def _pads(size: int, k: int, s: int, padding) -> tuple[int, int]:
@@ -130,11 +143,28 @@ def resolve_impl(impl: str, positions: int, features: int) -> str:
   return "thin" if thin else "winograd"
 
 
+def _strided_direct_pays(x_shape, kernel_shape, strides, padding, *dtypes) -> bool:
+  """Whether a 4x4 stride-2 conv runs as ``direct_conv.strided_conv``: where the
+  kernels support it, except where Winograd pays over fewer than
+  ``DIRECT_OVER_WINOGRAD_POSITIONS`` output positions (the encoders' and
+  discriminators' third convs at 128x128, batch 8: Winograd's 9/16 of the products
+  beat the kernels there; module doc)."""
+  b, h, w, _ = x_shape
+  if not all(direct_conv.supports_strided(x_shape, kernel_shape, strides, padding, d) for d in dtypes):
+    return False
+  positions = b * (h // 2) * (w // 2)
+  return not (_winograd_pays(kernel_shape, strides, positions, dtypes[0])
+              and positions < DIRECT_OVER_WINOGRAD_POSITIONS)
+
+
 def takes_direct(impl: str, supported: bool) -> bool:
   """Whether a conv the direct-conv kernels support (``supported``) runs in them:
   with 'direct', and with 'auto' on the CPU backend where they built."""
   if impl not in ("auto", "direct") or (impl == "auto" and jax.default_backend() != "cpu") or not supported:
     return False
+  if impl == "direct" and jax.default_backend() != "cpu":
+    raise ValueError(f"config.conv_impl='direct' runs CPU kernels, but the backend is {jax.default_backend()!r} "
+                     "(conv_impl='auto' picks cuDNN / XLA there)")
   if impl == "direct" and not direct_conv.available():
     raise ValueError("config.conv_impl='direct' needs the direct-conv CPU kernels, which could not be "
                      f"built or loaded: {direct_conv.unavailable_reason()} (conv_impl='auto' falls back "
@@ -154,6 +184,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
   if takes_direct(impl, all(direct_conv.supports(kernel.shape, strides, padding, d) for d in (x.dtype, kernel.dtype))):
     return direct_conv.conv3x3(x, kernel)
+  if takes_direct(impl, _strided_direct_pays(x.shape, kernel.shape, strides, padding, x.dtype, kernel.dtype)):
+    return direct_conv.strided_conv(x, kernel)
   resolved = resolve_impl("winograd" if impl == "direct" else impl, b * ho * wo, cout)
   if resolved == "xla_pad":
     extra = -cin % (8 if jnp.dtype(x.dtype).itemsize == 2 else 4)

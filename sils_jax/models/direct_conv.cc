@@ -1,15 +1,18 @@
-// Direct 3x3 stride-1 'SAME' convolution of NHWC float32 activations with an HWIO
-// kernel to 1-3 output channels from a multiple of 16 input channels (the decoder's
-// output conv, 16 -> 3), with its input and weight gradients: XLA FFI handlers for the
-// CPU, loaded by sils_jax/models/direct_conv.py, which compiles this file once per
-// machine (-O3 -march=native).
+// Direct CPU convolutions (NHWC float32 activations, HWIO kernels) with their input and
+// weight gradients, as XLA FFI handlers, loaded by sils_jax/models/direct_conv.py, which
+// compiles this file once per machine (-O3 -march=native):
+//   - 3x3 stride-1 'SAME' to 1-3 output channels from 16k input channels (the decoder's
+//     output conv, 16 -> 3);
+//   - the decoder's 4x4 stride-2 up-convs in their phase form;
+//   - 4x4 stride-2 'SAME' convs of even-sized inputs, 16k -> 16k channels (the encoders'
+//     and discriminators').
 //
-// Why: in XLA's graph this conv is a product of the input with every tap's weights
-// (16 -> 27 channels) followed by a shifted sum, and its gradients are products with
-// 27-channel patch matrices: 5x the memory traffic of the conv itself. Here every
-// output pixel reads its 3x3 input window once, with the 16 channels as one vector
-// (GCC/Clang vector extensions: AVX-512 registers where the CPU has them, pairs of
-// AVX2 registers or NEON elsewhere).
+// Why: in XLA's graph these convs are products of patch matrices, shifted sums,
+// space-to-depth copies and phase interleaves, several times the memory traffic of the
+// convs themselves. Here every output pixel reads its input window in place, with 16
+// channels as one vector (GCC/Clang vector extensions: AVX-512 registers where the CPU
+// has them, pairs of AVX2 registers or NEON elsewhere) and several pixels sharing every
+// weight load.
 //
 // Work is split into fixed chunks of rows, run on the caller's thread and XLA's
 // intra-op thread pool; each output element (and each chunk's partial weight
@@ -537,6 +540,235 @@ ffi::Error UpDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------
+// 4x4 stride-2 'SAME' convolutions (the encoders' and discriminators'), even H and W:
+//   y[oi, oj, f] = sum over a, b in 0..3 and c of x[2 oi + a - 1, 2 oj + b - 1, c] w[a, b, c, f],
+// zero outside the input; C and F multiples of 16.
+
+struct S2Shape {
+  int64_t b, h, w, c, f;  // input N, H, W, C (output H / 2 x W / 2); output channels F
+  int64_t ho() const { return h / 2; }
+  int64_t wo() const { return w / 2; }
+};
+
+// P output pixels (oi, oj0 + p) of image img, f-vectors [fv0, fv0 + NFB).
+template <int NFB, int P, bool kCheck>
+inline void s2_forward_block(const S2Shape& s, const float* x, const float* w, int64_t img, int64_t oi,
+                             int64_t oj0, int64_t fv0, float* y) {
+  v16 acc[P][NFB] = {};
+  for (int a = 0; a < 4; ++a) {
+    int64_t i = 2 * oi + a - 1;
+    if (i < 0 || i >= s.h) continue;
+    for (int b = 0; b < 4; ++b) {
+      int64_t col0 = 2 * oj0 + b - 1;
+      const float* xc = x + ((img * s.h + i) * s.w + col0) * s.c;
+      bool valid[P];
+      for (int p = 0; p < P; ++p) valid[p] = !kCheck || (col0 + 2 * p >= 0 && col0 + 2 * p < s.w);
+      const float* wk = w + ((a * 4 + b) * s.c) * s.f + fv0 * kLanes;
+      for (int64_t c = 0; c < s.c; ++c) {
+        v16 wv[NFB];
+        for (int q = 0; q < NFB; ++q) wv[q] = load(wk + c * s.f + q * kLanes);
+        for (int p = 0; p < P; ++p) {
+          if (kCheck && !valid[p]) continue;
+          v16 xv = splat(xc[2 * p * s.c + c]);
+          for (int q = 0; q < NFB; ++q) acc[p][q] += xv * wv[q];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    float* yp = y + ((img * s.ho() + oi) * s.wo() + oj0 + p) * s.f + fv0 * kLanes;
+    for (int q = 0; q < NFB; ++q) store(yp + q * kLanes, acc[p][q]);
+  }
+}
+
+template <int NFB>
+void s2_forward(ffi::ThreadPool& pool, const S2Shape& s, const float* x, const float* w, float* y) {
+  constexpr int P = NFB == 1 ? 8 : NFB == 2 ? 6 : 4;
+  const int64_t rows = s.b * s.ho(), wo = s.wo(), fvs = s.f / kLanes;
+  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
+      int64_t img = r / s.ho(), oi = r % s.ho();
+      for (int64_t fv0 = 0; fv0 < fvs; fv0 += NFB) {
+        int64_t oj = 0;
+        for (; oj + P <= wo; oj += P) {
+          if (oj == 0 || oj + P == wo) s2_forward_block<NFB, P, true>(s, x, w, img, oi, oj, fv0, y);
+          else s2_forward_block<NFB, P, false>(s, x, w, img, oi, oj, fv0, y);
+        }
+        for (; oj < wo; ++oj) s2_forward_block<NFB, 1, true>(s, x, w, img, oi, oj, fv0, y);
+      }
+    }
+  });
+}
+
+// dx[i, j, c] = sum over the taps whose output position is inside, and f, of
+// dy[oi, oj, f] w[a, b, c, f]: for i = 2s + r, a = 1 - r + 2e and oi = s + r - e
+// (e in {0, 1}), and the same for columns. P input pixels of one column parity q,
+// j = q + 2 (t0 + p); wt holds w as (a, b, f, c).
+template <int NCB, int P, bool kCheck>
+inline void s2_input_grad_block(const S2Shape& s, const float* dy, const float* wt, int64_t img, int64_t i,
+                                int q, int64_t t0, int64_t cv0, float* dx) {
+  v16 acc[P][NCB] = {};
+  const int64_t sr = i / 2, r = i % 2;
+  for (int er = 0; er < 2; ++er) {
+    int64_t oi = sr + r - er;
+    if (oi < 0 || oi >= s.ho()) continue;
+    const int a = 1 - static_cast<int>(r) + 2 * er;
+    const float* dyrow = dy + ((img * s.ho() + oi) * s.wo()) * s.f;
+    for (int ec = 0; ec < 2; ++ec) {
+      const int b = 1 - q + 2 * ec;
+      int64_t oj0 = t0 + q - ec;
+      bool valid[P];
+      for (int p = 0; p < P; ++p) valid[p] = !kCheck || (oj0 + p >= 0 && oj0 + p < s.wo());
+      const float* wk = wt + ((a * 4 + b) * s.f) * s.c + cv0 * kLanes;
+      for (int64_t f = 0; f < s.f; ++f) {
+        v16 wv[NCB];
+        for (int u = 0; u < NCB; ++u) wv[u] = load(wk + f * s.c + u * kLanes);
+        for (int p = 0; p < P; ++p) {
+          if (kCheck && !valid[p]) continue;
+          v16 d = splat(dyrow[(oj0 + p) * s.f + f]);
+          for (int u = 0; u < NCB; ++u) acc[p][u] += d * wv[u];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    float* out = dx + ((img * s.h + i) * s.w + q + 2 * (t0 + p)) * s.c + cv0 * kLanes;
+    for (int u = 0; u < NCB; ++u) store(out + u * kLanes, acc[p][u]);
+  }
+}
+
+template <int NCB>
+void s2_input_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* dy, const float* w, float* dx) {
+  constexpr int P = NCB == 1 ? 8 : NCB == 2 ? 6 : 4;
+  std::vector<float> wt(16 * s.f * s.c);  // (a, b, f, c)
+  for (int t = 0; t < 16; ++t)
+    for (int64_t c = 0; c < s.c; ++c)
+      for (int64_t f = 0; f < s.f; ++f) wt[(t * s.f + f) * s.c + c] = w[(t * s.c + c) * s.f + f];
+  const float* wtp = wt.data();
+  const int64_t rows = s.b * s.h, half = s.wo(), cvs = s.c / kLanes;
+  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
+      int64_t img = r / s.h, i = r % s.h;
+      for (int64_t cv0 = 0; cv0 < cvs; cv0 += NCB)
+        for (int q = 0; q < 2; ++q) {
+          int64_t t = 0;
+          for (; t + P <= half; t += P) {
+            if (t == 0 || t + P == half) s2_input_grad_block<NCB, P, true>(s, dy, wtp, img, i, q, t, cv0, dx);
+            else s2_input_grad_block<NCB, P, false>(s, dy, wtp, img, i, q, t, cv0, dx);
+          }
+          for (; t < half; ++t) s2_input_grad_block<NCB, 1, true>(s, dy, wtp, img, i, q, t, cv0, dx);
+        }
+    }
+  });
+}
+
+// dw[a, b, c, f] = sum over oi, oj of x[2 oi + a - 1, 2 oj + b - 1, c] dy[oi, oj, f]: per
+// chunk of output rows, one tap row a and CB channels at a time (4 b x CB x NFB = 16
+// accumulators), into the chunk's partial; the partials are added in chunk order.
+template <int NFB>
+void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, const float* dy, float* dw) {
+  constexpr int CB = 4 / NFB;
+  const int64_t ksize = 16 * s.c * s.f, rows = s.b * s.ho(), wo = s.wo();
+  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::unique_ptr<float[]> partial(new float[chunks * ksize]);  // each chunk writes all of its own
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    float* part = partial.get() + chunk * ksize;
+    int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
+    for (int a = 0; a < 4; ++a)
+      for (int64_t fv0 = 0; fv0 < s.f / kLanes; fv0 += NFB)
+        for (int64_t c0 = 0; c0 < s.c; c0 += CB) {
+          v16 acc[4][CB][NFB] = {};
+          for (int64_t r = r0; r < r1; ++r) {
+            int64_t img = r / s.ho(), oi = r % s.ho();
+            int64_t i = 2 * oi + a - 1;
+            if (i < 0 || i >= s.h) continue;
+            const float* dyrow = dy + ((img * s.ho() + oi) * wo) * s.f + fv0 * kLanes;
+            const float* xrow = x + ((img * s.h + i) * s.w) * s.c + c0;
+            auto pixel = [&](int64_t oj, bool check) {
+              v16 d[NFB];
+              for (int q = 0; q < NFB; ++q) d[q] = load(dyrow + oj * s.f + q * kLanes);
+              for (int b = 0; b < 4; ++b) {
+                int64_t col = 2 * oj + b - 1;
+                if (check && (col < 0 || col >= s.w)) continue;
+                const float* xp = xrow + col * s.c;
+                for (int e = 0; e < CB; ++e) {
+                  v16 xv = splat(xp[e]);
+                  for (int q = 0; q < NFB; ++q) acc[b][e][q] += xv * d[q];
+                }
+              }
+            };
+            if (wo > 0) pixel(0, true);
+            for (int64_t oj = 1; oj < wo - 1; ++oj) pixel(oj, false);
+            if (wo > 1) pixel(wo - 1, true);
+          }
+          for (int b = 0; b < 4; ++b)
+            for (int e = 0; e < CB; ++e)
+              for (int q = 0; q < NFB; ++q)
+                store(part + ((a * 4 + b) * s.c + c0 + e) * s.f + (fv0 + q) * kLanes, acc[b][e][q]);
+        }
+  });
+  std::fill(dw, dw + ksize, 0.f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* part = partial.get() + chunk * ksize;
+    for (int64_t e = 0; e < ksize; ++e) dw[e] += part[e];
+  }
+}
+
+bool s2_supported(int64_t c, int64_t f) { return c % kLanes == 0 && f % kLanes == 0 && c > 0 && f > 0; }
+
+// x (N, H, W, C) or dy (N, H/2, W/2, F), and w (4, 4, C, F): the shape, or an error.
+ffi::Error s2_shape(ffi::Buffer<ffi::F32>& act, bool gradient, const ffi::Span<const int64_t>& wd, S2Shape* s) {
+  auto ad = act.dimensions();
+  if (ad.size() != 4 || wd.size() != 4 || wd[0] != 4 || wd[1] != 4)
+    return ffi::Error::InvalidArgument("direct_conv strided: expected NHWC activations and a 4x4 HWIO kernel");
+  *s = {ad[0], gradient ? 2 * ad[1] : ad[1], gradient ? 2 * ad[2] : ad[2], wd[2], wd[3]};
+  if (ad[3] != (gradient ? s->f : s->c) || s->h % 2 || s->w % 2)
+    return ffi::Error::InvalidArgument("direct_conv strided: activation shape does not match the kernel");
+  if (!s2_supported(s->c, s->f))
+    return ffi::Error::InvalidArgument("direct_conv strided: needs C and F multiples of 16");
+  return ffi::Error::Success();
+}
+
+ffi::Error S2FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  S2Shape s;
+  if (auto e = s2_shape(x, false, w.dimensions(), &s); e.failure()) return e;
+  const int64_t fv = s.f / kLanes;
+  if (fv % 4 == 0) s2_forward<4>(pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+  else if (fv % 2 == 0) s2_forward<2>(pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+  else s2_forward<1>(pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error S2DxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> dx) {
+  S2Shape s;
+  if (auto e = s2_shape(dy, true, w.dimensions(), &s); e.failure()) return e;
+  const int64_t cv = s.c / kLanes;
+  if (cv % 4 == 0) s2_input_grad<4>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  else if (cv % 2 == 0) s2_input_grad<2>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  else s2_input_grad<1>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error S2DwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                    ffi::ResultBuffer<ffi::F32> dw) {
+  S2Shape s;
+  if (auto e = s2_shape(x, false, dw->dimensions(), &s); e.failure()) return e;
+  auto dd = dy.dimensions();
+  if (dd.size() != 4 || dd[0] != s.b || dd[1] != s.ho() || dd[2] != s.wo() || dd[3] != s.f)
+    return ffi::Error::InvalidArgument("direct_conv strided: dy shape does not match x and the kernel");
+  const int64_t fv = s.f / kLanes;
+  if (fv % 4 == 0) s2_weight_grad<4>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
+  else if (fv % 2 == 0) s2_weight_grad<2>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
+  else s2_weight_grad<1>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvFwd, FwdImpl,
@@ -568,3 +800,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SilsDirectConvDw, DwImpl,
 SILS_UP_HANDLER(SilsDirectUpConvFwd, UpFwdImpl)
 SILS_UP_HANDLER(SilsDirectUpConvDx, UpDxImpl)
 SILS_UP_HANDLER(SilsDirectUpConvDw, UpDwImpl)
+SILS_UP_HANDLER(SilsDirectS2ConvFwd, S2FwdImpl)
+SILS_UP_HANDLER(SilsDirectS2ConvDx, S2DxImpl)
+SILS_UP_HANDLER(SilsDirectS2ConvDw, S2DwImpl)

@@ -1,16 +1,19 @@
-"""Direct CPU kernels for the decoder's convolutions, with their gradients, as XLA FFI
-calls (``direct_conv.cc``): the output conv (3x3, 16 -> 3 channels; ``conv3x3``) and
-the 4x4 stride-2 up-convs in their phase form (``up_conv``).
+"""Direct CPU kernels for the model's convolutions, with their gradients, as XLA FFI
+calls (``direct_conv.cc``): the decoder's output conv (3x3, 16 -> 3 channels;
+``conv3x3``), its 4x4 stride-2 up-convs in their phase form (``up_conv``), and the
+encoders' and discriminators' 4x4 stride-2 convs (``strided_conv``).
 
 In XLA's graph these convs move several times the data of the convs themselves: the
 output conv a 27-channel product and shifted sum forward and 27-channel patch matrices
 backward, each up-conv a 4-window patch matrix, a 4-phase product and the phases'
-interleave, and the transposes of all three backward. The kernels read each input
-window in place and write each output pixel once. At 128x128, batch 8, the output
-conv's forward + gradients took 2.6 ms against 11.9 ms in the matrix form, and the
-decoder's forward + gradients 46 against 68 ms (benchmarks/README.md).
-``conv.conv2d`` and ``upsample.phase_conv_transpose`` take them where ``supports`` /
-``supports_up`` say so and the kernels are ``available``.
+interleave, each strided conv a space-to-depth copy and a 4-window patch matrix (or
+Winograd's transforms), and the transposes of all of them backward. The kernels read
+each input window in place and write each output pixel once. At 128x128, batch 8, the
+output conv's forward + gradients took 2.6 ms against 11.9 ms in the matrix form, the
+decoder's 46 against 68 ms, and the step 0.78 x 0.90 of the time (benchmarks/README.md).
+``conv.conv2d`` and ``upsample.phase_conv_transpose`` take them where ``supports``,
+``supports_up`` and ``supports_strided`` (and conv's measured rules) say so and the
+kernels are ``available``.
 
 The kernels are compiled from the C++ source on first use, once per machine, with the
 C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) and ``-O3 -march=native``
@@ -46,7 +49,8 @@ from absl import logging
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_conv.cc")
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw",
-            "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw"}
+            "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw",
+            "s2_fwd": "SilsDirectS2ConvFwd", "s2_dx": "SilsDirectS2ConvDx", "s2_dw": "SilsDirectS2ConvDw"}
 LANES = 16  # input channels per vector in the kernels
 MAX_FEATURES = 3
 # the up-conv kernels' templates (direct_conv.cc); with 256 -> 128 / 64 channels (the
@@ -157,6 +161,8 @@ def unavailable_reason() -> str:
 
 
 def _call(name: str, shape, *args) -> jax.Array:
+  if not available():
+    raise RuntimeError(f"the direct-conv CPU kernels are unavailable: {unavailable_reason()}")
   # vmap: one call per mapped element (the kernels take one batch of NHWC images)
   return jax.ffi.ffi_call(f"sils_direct_conv_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(*args)
@@ -214,3 +220,22 @@ up_conv, up_conv_input_grad, up_conv_weight_grad = _bilinear(
     "up_fwd", "up_dx", "up_dw",
     lambda xs, ks: (xs[0], 2 * xs[1], 2 * xs[2], ks[5]),
     lambda ds, ks: (ds[0], ds[1] // 2, ds[2] // 2, ks[2]))
+
+
+def supports_strided(x_shape, kernel_shape, strides, padding, dtype) -> bool:
+  """Whether the kernels compute this conv: 4x4, stride 2, 'SAME', an even-sized input,
+  float32, input and output channels multiples of 16."""
+  _, h, w, _ = x_shape
+  kh, kw, cin, cout = kernel_shape
+  return ((kh, kw) == (4, 4) and tuple(strides) == (2, 2) and padding == "SAME" and h % 2 == 0
+          and w % 2 == 0 and h > 0 and w > 0 and cin % LANES == 0 and cout % LANES == 0 and cin > 0
+          and cout > 0 and jnp.dtype(dtype) == jnp.float32)
+
+
+# 4x4 stride-2 'SAME' convs of even-sized inputs (the encoders' and discriminators'):
+# y[n, oi, oj, f] = sum over a, b in 0..3 and c of x[n, 2 oi + a - 1, 2 oj + b - 1, c]
+# w[a, b, c, f], zero outside the input.
+strided_conv, strided_conv_input_grad, strided_conv_weight_grad = _bilinear(
+    "s2_fwd", "s2_dx", "s2_dw",
+    lambda xs, ws: (xs[0], xs[1] // 2, xs[2] // 2, ws[3]),
+    lambda ds, ws: (ds[0], 2 * ds[1], 2 * ds[2], ws[2]))

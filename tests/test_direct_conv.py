@@ -199,6 +199,32 @@ def test_direct_conv_is_deterministic():
 
 
 @needs_kernels
+def test_weight_gradients_over_many_rows():
+  """More rows than 64 chunks of 8: the weight-gradient kernels take more rows per chunk
+  (their partials stay at 64 kernel-sized buffers) and still sum every row once."""
+  x = jax.random.normal(jax.random.key(0), (8, 160, 6, 16))  # 640 output rows for the strided conv
+  dy = jax.random.normal(jax.random.key(1), (8, 80, 3, 16))
+  got = direct_conv.strided_conv_weight_grad(x, dy, (4, 4, 16, 16))
+  want = jax.vjp(lambda w: conv._xla_conv(x, w, (2, 2), ((1, 1), (1, 1))), jnp.zeros((4, 4, 16, 16)))[1](dy)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  xu = jax.random.normal(jax.random.key(2), (8, 80, 3, 16))  # 640 input rows for the up-conv
+  dz = jax.random.normal(jax.random.key(3), (8, 160, 6, 16))
+  k = jnp.zeros((2, 2, 16, 2, 2, 16))
+  got = direct_conv.up_conv_weight_grad(xu, dz, k.shape)
+  from sils_jax.models.upsample import phase_conv_transpose
+  ref = lambda k6: phase_conv_transpose(xu, _kernel_from_phases(k6), "xla")
+  want = jax.vjp(ref, k)[1](dz)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def _kernel_from_phases(k6):
+  """The inverse of upsample.phase_kernel (a permutation of the taps), for the phase
+  layout (2, 2, C, 2, 2, F): tap 2a + p of each axis is window offset a of phase p."""
+  c, f = k6.shape[2], k6.shape[5]
+  return jnp.transpose(k6, (0, 3, 1, 4, 2, 5)).reshape(4, 4, c, f)
+
+
+@needs_kernels
 def test_direct_conv_under_vmap_and_with_many_devices():
   x = jax.random.normal(jax.random.key(0), (3, 2, 5, 6, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 3))

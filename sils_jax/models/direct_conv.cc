@@ -98,6 +98,12 @@ std::vector<v16> pack_weights(const float* w, int64_t c) {
 }
 
 constexpr int64_t kRowsPerChunk = 8;
+// The weight gradients keep one partial (the kernel's size) per chunk: at most this many
+// chunks, with more rows each for large inputs, to bound that memory.
+constexpr int64_t kMaxGradChunks = 64;
+inline int64_t grad_rows_per_chunk(int64_t rows) {
+  return std::max(kRowsPerChunk, (rows + kMaxGradChunks - 1) / kMaxGradChunks);
+}
 
 // One output pixel: for every tap inside the image, its C channels (NC vectors) times
 // the tap's weights. Border pixels check the taps; the others do not.
@@ -433,12 +439,12 @@ template <int NF>
 void up_weight_grad(ffi::ThreadPool& pool, const UpShape& s, const float* x, const float* dy, float* dk) {
   constexpr int CB = 4 / NF;
   const int64_t ksize = 16 * s.c * s.f;
-  int64_t rows = s.b * s.h;
-  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  int64_t rows = s.b * s.h, per = grad_rows_per_chunk(rows);
+  int64_t chunks = (rows + per - 1) / per;
   std::unique_ptr<float[]> partial(new float[chunks * ksize]);  // each chunk writes all of its own
   parallel_chunks(pool, chunks, [&](int64_t chunk) {
     float* part = partial.get() + chunk * ksize;
-    int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
+    int64_t r0 = chunk * per, r1 = std::min(rows, (chunk + 1) * per);
     for (int py = 0; py < 2; ++py)
       for (int px = 0; px < 2; ++px)
         for (int64_t ch0 = 0; ch0 < s.c; ch0 += CB) {
@@ -672,12 +678,12 @@ void s2_input_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* dy, con
 template <int NFB>
 void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, const float* dy, float* dw) {
   constexpr int CB = 4 / NFB;
-  const int64_t ksize = 16 * s.c * s.f, rows = s.b * s.ho(), wo = s.wo();
-  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t ksize = 16 * s.c * s.f, rows = s.b * s.ho(), wo = s.wo(), per = grad_rows_per_chunk(rows);
+  int64_t chunks = (rows + per - 1) / per;
   std::unique_ptr<float[]> partial(new float[chunks * ksize]);  // each chunk writes all of its own
   parallel_chunks(pool, chunks, [&](int64_t chunk) {
     float* part = partial.get() + chunk * ksize;
-    int64_t r0 = chunk * kRowsPerChunk, r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
+    int64_t r0 = chunk * per, r1 = std::min(rows, (chunk + 1) * per);
     for (int a = 0; a < 4; ++a)
       for (int64_t fv0 = 0; fv0 < s.f / kLanes; fv0 += NFB)
         for (int64_t c0 = 0; c0 < s.c; c0 += CB) {

@@ -292,6 +292,13 @@ def test_without_a_compiler_auto_falls_back_and_direct_says_why(tmp_path, monkey
   np.testing.assert_allclose(out, _xla(x, w), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="conv_impl='direct'.*no C\\+\\+ compiler"):
     conv.conv2d(x, w, (1, 1), "SAME", "direct")
+  # and the CLI's config check says so before anything is built
+  from sils_jax.training import config_checks
+  from tiny_config import tiny_config
+  c = tiny_config()
+  c.conv_impl = "direct"
+  with pytest.raises(config_checks.ConfigError, match="config.conv_impl: expected 'direct' only where.*no C\\+\\+ compiler"):
+    config_checks.validate(c)
   # shapes the kernels do not take never need them, even with 'direct'
   conv.conv2d(x[..., :8], w[:, :, :8], (1, 1), "SAME", "direct")
 

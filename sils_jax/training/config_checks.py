@@ -80,6 +80,15 @@ def validate(config) -> None:
   _need(config.upsample in UPSAMPLE_IMPLS, "upsample", f"one of {UPSAMPLE_IMPLS}", config.upsample)
   _need(config.get("conv_impl", "auto") in CONV_IMPLS, "conv_impl", f"one of {CONV_IMPLS}",
         config.get("conv_impl"))
+  if config.get("conv_impl") == "direct":  # CPU kernels built on first use (models/direct_conv.py)
+    import jax
+    from sils_jax.models import direct_conv
+    _need(jax.default_backend() == "cpu", "conv_impl",
+          f"'direct' only on the CPU backend (this one is {jax.default_backend()!r}; 'auto' picks cuDNN / XLA "
+          "there)", "direct")
+    _need(direct_conv.available(), "conv_impl",
+          f"'direct' only where the direct-conv CPU kernels build ({direct_conv.unavailable_reason()}; 'auto' "
+          "falls back to XLA's forms)", "direct")
   _need(config.disc_branches >= 1, "disc_branches", "an integer >= 1", config.disc_branches)
   _need(config.get("objective", "unsupervised") in OBJECTIVES, "objective", f"one of {OBJECTIVES}",
         config.get("objective"))

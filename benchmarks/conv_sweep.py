@@ -145,6 +145,23 @@ def winograd_layers(batch, repeats):
                           max_rel_diff=float(f"{err:.2g}"))), flush=True)
 
 
+def fwd_grad_medians(forms: dict, x, w, dy, repeats: int) -> dict:
+  """Each form's forward and gradients (both inputs' VJP of ``dy``) timed apart, every
+  form in turn for ``repeats`` rounds after one untimed call: {'fwd_NAME': median ms,
+  'grad_NAME': median ms}."""
+  fns = {name: (jax.jit(f), jax.jit(lambda x, w, dy, f=f: jax.vjp(f, x, w)[1](dy))) for name, f in forms.items()}
+  times = {(name, piece): [] for name in fns for piece in ("fwd", "grad")}
+  for name, (fwd, grad) in fns.items():
+    jax.block_until_ready((fwd(x, w), grad(x, w, dy)))
+  for _ in range(repeats):
+    for name, (fwd, grad) in fns.items():
+      for piece, fn, args in (("fwd", fwd, (x, w)), ("grad", grad, (x, w, dy))):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[(name, piece)].append((time.perf_counter() - t) * 1e3)
+  return {f"{piece}_{name}": round(float(np.median(v)), 2) for (name, piece), v in times.items()}
+
+
 def thin_layers(repeats):
   """The output conv (3x3, 16 -> 3 channels) over 16384 to 131072 positions: forward and
   gradients (both inputs' VJP) timed apart for XLA's convolution, the matrix form and
@@ -158,20 +175,8 @@ def thin_layers(repeats):
     forms = {"xla": lambda x, w: conv2d(x, w, (1, 1), "SAME", "xla"),
              "matmul": lambda x, w: conv2d(x, w, (1, 1), "SAME", "matmul"),
              "thin": lambda x, w: conv._thin_conv(x, w, ((1, 1), (1, 1)))}
-    fns = {name: (jax.jit(f), jax.jit(lambda x, w, dy, f=f: jax.vjp(f, x, w)[1](dy))) for name, f in forms.items()}
-    times = {(name, piece): [] for name in fns for piece in ("fwd", "grad")}
-    for name, (fwd, grad) in fns.items():
-      jax.block_until_ready((fwd(x, w), grad(x, w, dy)))
-    for _ in range(repeats):
-      for name, (fwd, grad) in fns.items():
-        for piece, fn, args in (("fwd", fwd, (x, w)), ("grad", grad, (x, w, dy))):
-          t = time.perf_counter()
-          jax.block_until_ready(fn(*args))
-          times[(name, piece)].append((time.perf_counter() - t) * 1e3)
     row = dict(S=size, B=batch, M=batch * size * size, rule=conv.resolve_impl("auto", batch * size * size, 3))
-    for (name, piece), v in times.items():
-      row[f"{piece}_{name}"] = round(float(np.median(v)), 2)
-    print(json.dumps(row), flush=True)
+    print(json.dumps({**row, **fwd_grad_medians(forms, x, w, dy, repeats)}), flush=True)
 
 
 def direct_layers(batch, repeats):
@@ -197,20 +202,8 @@ def direct_layers(batch, repeats):
       forms = {impl: (lambda x, w, impl=impl: conv2d(x, w, (1, 1), "SAME", impl)) for impl in ("winograd", "direct")}
       takes = direct_conv.supports(w.shape, (1, 1), "SAME", x.dtype)
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(forms["winograd"], x, w).shape), jnp.float32)
-    fns = {name: (jax.jit(fn), jax.jit(lambda x, w, dy, fn=fn: jax.vjp(fn, x, w)[1](dy))) for name, fn in forms.items()}
-    times = {(name, piece): [] for name in fns for piece in ("fwd", "grad")}
-    for name, (fwd, grad) in fns.items():
-      jax.block_until_ready((fwd(x, w), grad(x, w, dy)))
-    for _ in range(repeats):
-      for name, (fwd, grad) in fns.items():
-        for piece, fn, args in (("fwd", fwd, (x, w)), ("grad", grad, (x, w, dy))):
-          t = time.perf_counter()
-          jax.block_until_ready(fn(*args))
-          times[(name, piece)].append((time.perf_counter() - t) * 1e3)
     row = dict(S=128, B=batch, kind=kind, h=h, cin=cin, cout=f, direct=takes)
-    for (name, piece), v in times.items():
-      row[f"{piece}_{name}"] = round(float(np.median(v)), 2)
-    print(json.dumps(row), flush=True)
+    print(json.dumps({**row, **fwd_grad_medians(forms, x, w, dy, repeats)}), flush=True)
 
 
 def main():

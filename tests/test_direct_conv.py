@@ -84,18 +84,8 @@ def test_direct_up_conv_equals_the_transposed_conv_to_second_order(shape, featur
   out = jax.jit(lambda x, k: phase_conv_transpose(x, k, "direct"))(x, k)
   flax_out = nn.ConvTranspose(features, (4, 4), (2, 2), "SAME", use_bias=False).apply({"params": {"kernel": k}}, x)
   np.testing.assert_allclose(out, flax_out, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(flax_out))))
-
-  def loss(impl):
-    return lambda x, k: jnp.sum(jnp.sin(phase_conv_transpose(x, k, impl)))
-
-  def r1(impl):
-    return lambda k, x: jnp.sum(jax.grad(loss(impl))(x, k) ** 2)
-  for fn, args in ((loss, (x, k)), (r1, (k, x))):
-    got = jax.jit(jax.grad(fn("direct"), (0, 1)))(*args)
-    want = jax.grad(fn("xla"), (0, 1))(*args)
-    for a, b in zip(got, want):
-      assert a.shape == b.shape
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  from test_models import _assert_equals_xla_conv_to_second_order
+  _assert_equals_xla_conv_to_second_order("direct", x, k, None, None, layer=phase_conv_transpose)
 
 
 # (input shape, output channels): 4x4 stride-2 'SAME' convs of even-sized inputs with

@@ -215,19 +215,22 @@ _WINDOW_CASES = [
 ]
 
 
-def _assert_equals_xla_conv_to_second_order(impl, x, w, strides, padding):
+def _assert_equals_xla_conv_to_second_order(impl, x, w, strides, padding, layer=None):
   """Values, gradients and the R1-style second-order gradient (of |dL/dx|^2 with
-  respect to both inputs) of conv2d(impl), jitted, against XLA's convolution."""
+  respect to both inputs) of conv2d(impl), jitted, against XLA's convolution; or of
+  ``layer(x, w, impl)`` against ``layer(x, w, 'xla')`` where given."""
   from sils_jax.models import conv
+  if layer is None:
+    layer = lambda x, w, impl: conv.conv2d(x, w, strides, padding, impl)
 
   def loss(impl):
-    return lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, impl)))
+    return lambda x, w: jnp.sum(jnp.sin(layer(x, w, impl)))
 
   def r1(impl):
     return lambda w, x: jnp.sum(jax.grad(loss(impl))(x, w) ** 2)
 
-  out = conv.conv2d(x, w, strides, padding, impl)
-  np.testing.assert_allclose(out, conv.conv2d(x, w, strides, padding, "xla"), rtol=1e-5, atol=1e-5)
+  out = layer(x, w, impl)
+  np.testing.assert_allclose(out, layer(x, w, "xla"), rtol=1e-5, atol=1e-5)
   for fn, args in ((loss, (x, w)), (r1, (w, x))):
     got = jax.jit(jax.grad(fn(impl), (0, 1)))(*args)
     want = jax.grad(fn("xla"), (0, 1))(*args)

@@ -98,6 +98,23 @@ std::vector<v16> pack_weights(const float* w, int64_t c) {
 }
 
 constexpr int64_t kRowsPerChunk = 8;
+// Runs body(r) for every row r in [0, rows), in fixed chunks of kRowsPerChunk rows.
+template <typename Body>
+void parallel_rows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {
+  parallel_chunks(pool, (rows + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) body(r);
+  });
+}
+
+// out = the sum of `chunks` partials of `size` floats each, added in chunk order.
+inline void sum_partials(const float* partial, int64_t chunks, int64_t size, float* out) {
+  std::fill(out, out + size, 0.f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* part = partial + chunk * size;
+    for (int64_t e = 0; e < size; ++e) out[e] += part[e];
+  }
+}
+
 // The weight gradients keep one partial (the kernel's size) per chunk: at most this many
 // chunks, with more rows each for large inputs, to bound that memory.
 constexpr int64_t kMaxGradChunks = 64;
@@ -134,19 +151,16 @@ template <int F, int NC>
 void forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* w, float* y) {
   std::vector<v16> wp = pack_weights<F>(w, s.c);
   const v16* wv = wp.data();
-  int64_t chunks = (s.rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    for (int64_t r = chunk * kRowsPerChunk; r < std::min(s.rows, (chunk + 1) * kRowsPerChunk); ++r) {
-      int64_t i = r % s.h, img = r / s.h;
-      float* yr = y + r * s.w * F;
-      if (i == 0 || i == s.h - 1 || s.w < 3) {
-        for (int64_t j = 0; j < s.w; ++j) forward_pixel<F, NC, true>(s, x, wv, img, i, j, yr + j * F);
-        continue;
-      }
-      forward_pixel<F, NC, true>(s, x, wv, img, i, 0, yr);
-      for (int64_t j = 1; j < s.w - 1; ++j) forward_pixel<F, NC, false>(s, x, wv, img, i, j, yr + j * F);
-      forward_pixel<F, NC, true>(s, x, wv, img, i, s.w - 1, yr + (s.w - 1) * F);
+  parallel_rows(pool, s.rows, [&](int64_t r) {
+    int64_t i = r % s.h, img = r / s.h;
+    float* yr = y + r * s.w * F;
+    if (i == 0 || i == s.h - 1 || s.w < 3) {
+      for (int64_t j = 0; j < s.w; ++j) forward_pixel<F, NC, true>(s, x, wv, img, i, j, yr + j * F);
+      return;
     }
+    forward_pixel<F, NC, true>(s, x, wv, img, i, 0, yr);
+    for (int64_t j = 1; j < s.w - 1; ++j) forward_pixel<F, NC, false>(s, x, wv, img, i, j, yr + j * F);
+    forward_pixel<F, NC, true>(s, x, wv, img, i, s.w - 1, yr + (s.w - 1) * F);
   });
 }
 
@@ -177,19 +191,16 @@ template <int F, int NC>
 void input_grad(ffi::ThreadPool& pool, const Shape& s, const float* dy, const float* w, float* dx) {
   std::vector<v16> wp = pack_weights<F>(w, s.c);
   const v16* wv = wp.data();
-  int64_t chunks = (s.rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    for (int64_t r = chunk * kRowsPerChunk; r < std::min(s.rows, (chunk + 1) * kRowsPerChunk); ++r) {
-      int64_t i = r % s.h, img = r / s.h;
-      float* dxr = dx + r * s.w * s.c;
-      if (i == 0 || i == s.h - 1 || s.w < 3) {
-        for (int64_t j = 0; j < s.w; ++j) input_grad_pixel<F, NC, true>(s, dy, wv, img, i, j, dxr + j * s.c);
-        continue;
-      }
-      input_grad_pixel<F, NC, true>(s, dy, wv, img, i, 0, dxr);
-      for (int64_t j = 1; j < s.w - 1; ++j) input_grad_pixel<F, NC, false>(s, dy, wv, img, i, j, dxr + j * s.c);
-      input_grad_pixel<F, NC, true>(s, dy, wv, img, i, s.w - 1, dxr + (s.w - 1) * s.c);
+  parallel_rows(pool, s.rows, [&](int64_t r) {
+    int64_t i = r % s.h, img = r / s.h;
+    float* dxr = dx + r * s.w * s.c;
+    if (i == 0 || i == s.h - 1 || s.w < 3) {
+      for (int64_t j = 0; j < s.w; ++j) input_grad_pixel<F, NC, true>(s, dy, wv, img, i, j, dxr + j * s.c);
+      return;
     }
+    input_grad_pixel<F, NC, true>(s, dy, wv, img, i, 0, dxr);
+    for (int64_t j = 1; j < s.w - 1; ++j) input_grad_pixel<F, NC, false>(s, dy, wv, img, i, j, dxr + j * s.c);
+    input_grad_pixel<F, NC, true>(s, dy, wv, img, i, s.w - 1, dxr + (s.w - 1) * s.c);
   });
 }
 
@@ -355,21 +366,18 @@ template <int NF>
 void up_forward(ffi::ThreadPool& pool, const UpShape& s, const float* x, const float* k, float* y) {
   constexpr int P = NF == 1 ? 8 : 4;
   int64_t rows = s.b * s.h;  // input rows m; each gives output rows 2m and 2m + 1
-  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-      int64_t img = r / s.h, m = r % s.h;
-      for (int py = 0; py < 2; ++py)
-        for (int px = 0; px < 2; ++px) {
-          // blocks of P columns; those holding the first or last column check theirs
-          int64_t n = 0;
-          for (; n + P <= s.w; n += P) {
-            if (n == 0 || n + P == s.w) up_forward_block<NF, P, true>(s, x, k, img, m, py, n, px, y);
-            else up_forward_block<NF, P, false>(s, x, k, img, m, py, n, px, y);
-          }
-          for (; n < s.w; ++n) up_forward_block<NF, 1, true>(s, x, k, img, m, py, n, px, y);
+  parallel_rows(pool, rows, [&](int64_t r) {
+    int64_t img = r / s.h, m = r % s.h;
+    for (int py = 0; py < 2; ++py)
+      for (int px = 0; px < 2; ++px) {
+        // blocks of P columns; those holding the first or last column check theirs
+        int64_t n = 0;
+        for (; n + P <= s.w; n += P) {
+          if (n == 0 || n + P == s.w) up_forward_block<NF, P, true>(s, x, k, img, m, py, n, px, y);
+          else up_forward_block<NF, P, false>(s, x, k, img, m, py, n, px, y);
         }
-    }
+        for (; n < s.w; ++n) up_forward_block<NF, 1, true>(s, x, k, img, m, py, n, px, y);
+      }
   });
 }
 
@@ -418,17 +426,14 @@ void up_input_grad(ffi::ThreadPool& pool, const UpShape& s, const float* dy, con
         for (int64_t f = 0; f < s.f; ++f) kt[((t * 4 + ph) * s.f + f) * s.c + ch] = k[((t * s.c + ch) * 4 + ph) * s.f + f];
   const float* ktp = kt.data();
   int64_t rows = s.b * s.h;
-  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-      int64_t img = r / s.h, i = r % s.h;
-      int64_t j = 0;
-      for (; j + P <= s.w; j += P) {
-        if (j == 0 || j + P == s.w) up_input_grad_block<NC, P, true>(s, dy, ktp, img, i, j, dx);
-        else up_input_grad_block<NC, P, false>(s, dy, ktp, img, i, j, dx);
-      }
-      for (; j < s.w; ++j) up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, j, dx);
+  parallel_rows(pool, rows, [&](int64_t r) {
+    int64_t img = r / s.h, i = r % s.h;
+    int64_t j = 0;
+    for (; j + P <= s.w; j += P) {
+      if (j == 0 || j + P == s.w) up_input_grad_block<NC, P, true>(s, dy, ktp, img, i, j, dx);
+      else up_input_grad_block<NC, P, false>(s, dy, ktp, img, i, j, dx);
     }
+    for (; j < s.w; ++j) up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, j, dx);
   });
 }
 
@@ -486,11 +491,7 @@ void up_weight_grad(ffi::ThreadPool& pool, const UpShape& s, const float* x, con
                   store(part + ((((a * 2 + c) * s.c + ch0 + e) * 2 + py) * 2 + px) * s.f + q * kLanes, acc[a][c][e][q]);
         }
   });
-  std::fill(dk, dk + ksize, 0.f);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* part = partial.get() + chunk * ksize;
-    for (int64_t e = 0; e < ksize; ++e) dk[e] += part[e];
-  }
+  sum_partials(partial.get(), chunks, ksize, dk);
 }
 
 // x (N, H, W, C) or dy (N, 2H, 2W, F), and K (2, 2, C, 2, 2, F): the shape, or an error.
@@ -593,18 +594,15 @@ template <int NFB>
 void s2_forward(ffi::ThreadPool& pool, const S2Shape& s, const float* x, const float* w, float* y) {
   constexpr int P = NFB == 1 ? 8 : NFB == 2 ? 6 : 4;
   const int64_t rows = s.b * s.ho(), wo = s.wo(), fvs = s.f / kLanes;
-  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-      int64_t img = r / s.ho(), oi = r % s.ho();
-      for (int64_t fv0 = 0; fv0 < fvs; fv0 += NFB) {
-        int64_t oj = 0;
-        for (; oj + P <= wo; oj += P) {
-          if (oj == 0 || oj + P == wo) s2_forward_block<NFB, P, true>(s, x, w, img, oi, oj, fv0, y);
-          else s2_forward_block<NFB, P, false>(s, x, w, img, oi, oj, fv0, y);
-        }
-        for (; oj < wo; ++oj) s2_forward_block<NFB, 1, true>(s, x, w, img, oi, oj, fv0, y);
+  parallel_rows(pool, rows, [&](int64_t r) {
+    int64_t img = r / s.ho(), oi = r % s.ho();
+    for (int64_t fv0 = 0; fv0 < fvs; fv0 += NFB) {
+      int64_t oj = 0;
+      for (; oj + P <= wo; oj += P) {
+        if (oj == 0 || oj + P == wo) s2_forward_block<NFB, P, true>(s, x, w, img, oi, oj, fv0, y);
+        else s2_forward_block<NFB, P, false>(s, x, w, img, oi, oj, fv0, y);
       }
+      for (; oj < wo; ++oj) s2_forward_block<NFB, 1, true>(s, x, w, img, oi, oj, fv0, y);
     }
   });
 }
@@ -655,20 +653,17 @@ void s2_input_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* dy, con
       for (int64_t f = 0; f < s.f; ++f) wt[(t * s.f + f) * s.c + c] = w[(t * s.c + c) * s.f + f];
   const float* wtp = wt.data();
   const int64_t rows = s.b * s.h, half = s.wo(), cvs = s.c / kLanes;
-  int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
-    for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) {
-      int64_t img = r / s.h, i = r % s.h;
-      for (int64_t cv0 = 0; cv0 < cvs; cv0 += NCB)
-        for (int q = 0; q < 2; ++q) {
-          int64_t t = 0;
-          for (; t + P <= half; t += P) {
-            if (t == 0 || t + P == half) s2_input_grad_block<NCB, P, true>(s, dy, wtp, img, i, q, t, cv0, dx);
-            else s2_input_grad_block<NCB, P, false>(s, dy, wtp, img, i, q, t, cv0, dx);
-          }
-          for (; t < half; ++t) s2_input_grad_block<NCB, 1, true>(s, dy, wtp, img, i, q, t, cv0, dx);
+  parallel_rows(pool, rows, [&](int64_t r) {
+    int64_t img = r / s.h, i = r % s.h;
+    for (int64_t cv0 = 0; cv0 < cvs; cv0 += NCB)
+      for (int q = 0; q < 2; ++q) {
+        int64_t t = 0;
+        for (; t + P <= half; t += P) {
+          if (t == 0 || t + P == half) s2_input_grad_block<NCB, P, true>(s, dy, wtp, img, i, q, t, cv0, dx);
+          else s2_input_grad_block<NCB, P, false>(s, dy, wtp, img, i, q, t, cv0, dx);
         }
-    }
+        for (; t < half; ++t) s2_input_grad_block<NCB, 1, true>(s, dy, wtp, img, i, q, t, cv0, dx);
+      }
   });
 }
 
@@ -717,11 +712,7 @@ void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, con
                 store(part + ((a * 4 + b) * s.c + c0 + e) * s.f + (fv0 + q) * kLanes, acc[b][e][q]);
         }
   });
-  std::fill(dw, dw + ksize, 0.f);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* part = partial.get() + chunk * ksize;
-    for (int64_t e = 0; e < ksize; ++e) dw[e] += part[e];
-  }
+  sum_partials(partial.get(), chunks, ksize, dw);
 }
 
 bool s2_supported(int64_t c, int64_t f) { return c % kLanes == 0 && f % kLanes == 0 && c > 0 && f > 0; }

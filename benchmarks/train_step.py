@@ -8,8 +8,8 @@ batch (global), image_size, dtype, img_per_s (batch / median step time), ms_per_
 (median), ms_per_step_p10 / _p90, img_per_s_pipelined (steps dispatched back to back,
 synchronised once at the end), compile_s (lowering + XLA compilation of the pmapped
 step), peak_mem_bytes (device peak where the backend reports it, else the process's
-peak RSS), and where XLA's cost analysis has them: gflop_per_step, tflop_per_s and, on
-GPUs whose peak we know, mfu.
+peak RSS), gflop_per_step (the network's FLOPs, counted from the traced step in its
+reference forms: ``model_flops``), tflop_per_s and, on GPUs whose peak we know, mfu.
 
 The step is exactly the one training runs (`sils_jax.training.step.train_step`,
 pmapped over the local devices, states donated). The input is one fixed random batch
@@ -28,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks import trace_ops  # noqa: E402
+from benchmarks import flop_count, trace_ops  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -99,19 +99,17 @@ def _peak_memory() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
 
 
-def _flops(lowered) -> float | None:
-  """FLOPs of one step from XLA's cost analysis of the lowered (not yet optimised)
-  module. The compiled module's analysis would miss the convolutions on GPU, where
-  they become cuDNN custom calls (it reported 0.17 GFLOP for a 9 GFLOP step)."""
-  try:
-    cost = lowered.cost_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
+def model_flops(config, batch: int) -> int:
+  """FLOPs of one training step of ``config`` at global ``batch``: every convolution's and
+  matrix product's real multiply-adds x 2 (``flop_count``), counted on the step traced
+  with the reference forms (``conv_impl='xla'``, ``upsample='transpose'``), so that the
+  count is the network's whatever equivalent form runs (Winograd, sub-pixel or phase
+  up-convs, the direct CPU kernels, which XLA's cost analysis does not see). Traced,
+  not compiled or run."""
+  ref = config.copy_and_resolve_references()
+  ref.conv_impl, ref.upsample = "xla", "transpose"
+  p_step, g, d, dev_batch = prepare_step(ref, batch)
+  return flop_count.flops(p_step, g, d, dev_batch)
 
 
 def prepare_step(config, batch: int):
@@ -153,7 +151,7 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
   lowered = p_step.lower(g, d, dev_batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  flops = _flops(lowered)
+  flops = model_flops(config, batch)
 
   for _ in range(warmup):
     g, d, m = compiled(g, d, dev_batch)
@@ -199,15 +197,13 @@ def bench(config, batch: int, image_size: int, steps: int, warmup: int, label: s
          "ms_per_step_p90": round(float(np.percentile(ms, 90)), 3),
          "img_per_s_pipelined": round(pipelined, 3), "compile_s": round(compile_s, 2),
          "peak_mem_bytes": peak, "peak_mem_kind": peak_kind, "huge_pages": huge_pages}
-  if flops is not None:
-    # cost_analysis of a pmapped computation is per device
-    out["gflop_per_step"] = round(flops * n_dev / 1e9, 3)
-    achieved = flops * n_dev / (med / 1e3)
-    out["tflop_per_s"] = round(achieved / 1e12, 3)
-    peak_flops = _peak(dev.device_kind, dtype) if dev.platform == "gpu" else None
-    if peak_flops:
-      out["mfu"] = round(achieved / (peak_flops * n_dev), 5)
-      out["mfu_peak_tflop_per_s"] = peak_flops / 1e12
+  out["gflop_per_step"] = round(flops / 1e9, 3)  # model FLOPs, global batch (model_flops)
+  achieved = flops / (med / 1e3)
+  out["tflop_per_s"] = round(achieved / 1e12, 3)
+  peak_flops = _peak(dev.device_kind, dtype) if dev.platform == "gpu" else None
+  if peak_flops:
+    out["mfu"] = round(achieved / (peak_flops * n_dev), 5)
+    out["mfu_peak_tflop_per_s"] = peak_flops / 1e12
   if profile is not None:
     out["top_ops"] = profile
   return out

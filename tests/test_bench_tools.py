@@ -152,3 +152,135 @@ def test_streams_vmap_difference_is_relative_per_leaf_and_nan_is_infinite():
   assert streams_vmap.max_rel_diff(ref, ref) == 0.0
   assert streams_vmap.max_rel_diff([np.array([1.0, 2.1]), np.array([[100.0]])], ref) == pytest.approx(0.05)
   assert streams_vmap.max_rel_diff([np.array([1.0, np.nan]), np.array([[100.0]])], ref) == np.inf
+
+
+# --- flop_count: every product counted is one that a ones-by-ones evaluation adds ---
+
+def _each_product_once(eqn) -> int:
+  """2 x the number of real products an equation computes: evaluated on all-ones
+  operands, every output element sums exactly its real products (padding and
+  dilation holes are zeros)."""
+  import jax.numpy as jnp
+  ones = [jnp.ones(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+  return 2 * int(round(float(jnp.sum(eqn.primitive.bind(*ones, **eqn.params)))))
+
+
+def _product_eqns(jaxpr):
+  from benchmarks import flop_count
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      yield eqn
+    for v in eqn.params.values():
+      for sub in flop_count._sub(v):
+        yield from _product_eqns(sub)
+
+
+@pytest.mark.parametrize("strides,padding,rhs_dil,groups,transpose", [
+    ((1, 1), "SAME", (1, 1), 1, False),
+    ((2, 2), "SAME", (1, 1), 1, False),
+    ((2, 1), "VALID", (1, 1), 1, False),
+    ((1, 1), ((2, 0), (1, 3)), (2, 1), 1, False),
+    ((2, 2), "SAME", (1, 1), 2, False),
+    ((2, 2), "SAME", (1, 1), 1, True),
+])
+def test_conv_flops_count_every_real_product_of_a_conv_and_its_gradients(strides, padding, rhs_dil,
+                                                                       groups, transpose):
+  """The forward conv, and the two gradient convs jax derives from it (input dilation
+  for the input gradient, kernel dilation for the weight gradient), each counted
+  against a ones-by-ones evaluation: products over padding or dilation holes are not
+  counted, every real one is."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import flop_count
+  x = jnp.ones((2, 9, 7, 4))
+  if transpose:  # flax's transposed conv: an input-dilated conv forward
+    m = nn.ConvTranspose(6, (4, 4), strides, padding=padding)
+    p = m.init(jax.random.key(0), x)
+    f = lambda p, x: jnp.sum(m.apply(p, x) ** 2)
+    args = (p, x)
+  else:
+    w = jnp.ones((3, 4, 4 // groups, 6))
+    f = lambda w, x: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=rhs_dil, feature_group_count=groups,
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+    args = (w, x)
+  jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args).jaxpr
+  eqns = [e for e in _product_eqns(jaxpr) if e.primitive.name == "conv_general_dilated"]
+  assert len(eqns) == 3
+  for eqn in eqns:
+    assert flop_count.conv_flops(eqn) == _each_product_once(eqn), eqn.params
+
+
+def test_dot_flops_and_nesting():
+  """dot_general with batch and contracting dims; jit / custom_vjp bodies count once,
+  a scan body ``length`` times, a cond its costliest branch."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import flop_count
+  a, b = jnp.ones((3, 5, 7)), jnp.ones((3, 7, 4))
+  dot = 2 * 3 * 5 * 7 * 4
+  eqn = next(_product_eqns(jax.make_jaxpr(jnp.matmul)(a, b).jaxpr))
+  assert flop_count.dot_flops(eqn) == _each_product_once(eqn) == dot
+  assert flop_count.flops(jax.jit(jnp.matmul), a, b) == dot
+
+  @jax.custom_vjp
+  def mm(a, b):
+    return a @ b
+  mm.defvjp(lambda a, b: (a @ b, (a, b)), lambda r, g: (g @ jnp.swapaxes(r[1], -1, -2), None))
+  assert flop_count.flops(mm, a, b) == dot
+  assert flop_count.flops(jax.grad(lambda a: jnp.sum(mm(a, b))), a) == 2 * dot
+
+  def scanned(a, b):
+    return jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=5)[1]
+  assert flop_count.flops(scanned, a, b) == 5 * dot
+  branches = lambda i, a, b: jax.lax.cond(i > 0, lambda: (a @ b) @ jnp.ones((3, 4, 4)), lambda: a @ b)
+  assert flop_count.flops(branches, 1, a, b) == dot + 2 * 3 * 5 * 4 * 4
+
+
+def test_flop_count_of_a_pmapped_step_is_the_global_batchs():
+  """pmap traces as a shard_map whose body has one device's shapes: 8 fake devices,
+  8 x one device's count (run in a subprocess, which gets the 8 devices)."""
+  import subprocess
+  import sys
+  code = """
+import jax, jax.numpy as jnp
+from benchmarks import flop_count
+assert jax.device_count() == 8
+f = lambda a, b: jnp.tanh(a @ b)
+one = flop_count.flops(f, jnp.ones((4, 5)), jnp.ones((5, 6)))
+eight = flop_count.flops(jax.pmap(f, axis_name='i'), jnp.ones((8, 4, 5)), jnp.ones((8, 5, 6)))
+assert one == 2 * 4 * 5 * 6 and eight == 8 * one, (one, eight)
+print("ok")
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_model_flops_of_the_step_match_xlas_cost_analysis_of_its_products():
+  """train_step.model_flops on the tiny synthetic step (the reference forms, whatever
+  form the config names): at most XLA's cost analysis of the same lowered step, which
+  also counts elementwise work, and within 10% of it; the same count for every
+  equivalent conv / up-conv form."""
+  import sys
+  sys.argv = sys.argv[:1]
+  from benchmarks import train_step
+  from tiny_config import tiny_config
+  counts = set()
+  for impl, up in (("xla", "transpose"), ("auto", "auto"), ("winograd", "subpixel")):
+    c = tiny_config()
+    c.conv_impl, c.upsample = impl, up
+    counts.add(train_step.model_flops(c, 2))
+  assert len(counts) == 1
+  (count,) = counts
+  ref = tiny_config()
+  ref.conv_impl, ref.upsample = "xla", "transpose"
+  p_step, g, d, b = train_step.prepare_step(ref, 2)
+  cost = p_step.lower(g, d, b).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or "flops" not in cost:
+    pytest.skip("this jax's lowered cost analysis has no FLOPs")
+  assert 0.9 * cost["flops"] <= count <= cost["flops"]

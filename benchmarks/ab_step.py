@@ -17,16 +17,22 @@ for the same computation and small for an equivalent form (conv_impl, upsample),
 float rounding grows over the steps of GAN training; a large value means the variant
 computes something else.
 
---variant=NAME:ITEM,ITEM,... ; each ITEM is either
-  key=value     a config override (dotted keys for nested fields), or
+--variant=NAME:ITEM,ITEM,... ; each ITEM is one of
+  key=value     a config override (dotted keys for nested fields);
   @option=value an XLA compiler option for this variant's compilation (the DebugOptions
-                field names, e.g. @xla_cpu_enable_concurrency_optimized_scheduler=true).
+                field names, e.g. @xla_cpu_enable_concurrency_optimized_scheduler=true);
+  %module.attr=value  a module attribute set while this variant is traced and compiled,
+                then restored (a rule read at trace time, e.g.
+                %sils_jax.models.direct_conv.SMALL_IN_CHANNELS=() takes the first convs
+                out of the direct kernels).
 Values are read as Python literals where they parse (1, 2.5, True, 'x'), true/false
 as booleans, else as strings. The batch is --batch's for every variant (an override of
 per_device_batch_size is replaced by it). Nothing here needs TensorFlow.
 """
 
 import ast
+import contextlib
+import importlib
 import json
 import os
 import sys
@@ -69,18 +75,57 @@ def _value(text: str):
     return text
 
 
-def parse_variant(spec: str) -> tuple[str, dict, dict]:
-  """'NAME:key=value,@option=value' -> (name, config overrides, compiler options)."""
+def parse_variant(spec: str) -> tuple[str, dict, dict, dict]:
+  """'NAME:key=value,@option=value,%module.attr=value' -> (name, config overrides,
+  compiler options, module attributes). A value may hold commas inside brackets
+  ('%m.A=(1, 2)')."""
   name, sep, rest = spec.partition(":")
   if not sep or not name.strip():
-    raise ValueError(f"--variant={spec!r}: expected NAME:[key=value,@option=value,...]")
-  overrides, options = {}, {}
-  for item in filter(None, (s.strip() for s in rest.split(","))):
+    raise ValueError(f"--variant={spec!r}: expected NAME:[key=value,@option=value,%module.attr=value,...]")
+  overrides, options, attrs = {}, {}, {}
+  for item in filter(None, (s.strip() for s in _split_items(rest))):
     key, eq, value = item.partition("=")
-    if not eq or not key.lstrip("@"):
-      raise ValueError(f"--variant={spec!r}: item {item!r} is not key=value or @option=value")
-    (options if key.startswith("@") else overrides)[key.lstrip("@")] = _value(value)
-  return name.strip(), overrides, options
+    bare = key.lstrip("@%")
+    if not eq or not bare or (key.startswith("%") and "." not in bare):
+      raise ValueError(f"--variant={spec!r}: item {item!r} is not key=value, @option=value or "
+                       "%module.attr=value")
+    target = options if key.startswith("@") else attrs if key.startswith("%") else overrides
+    target[bare] = _value(value)
+  return name.strip(), overrides, options, attrs
+
+
+def _split_items(text: str) -> list[str]:
+  """Splits at the commas outside brackets."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  return items + [text[start:]]
+
+
+@contextlib.contextmanager
+def module_attributes(attrs: dict):
+  """Sets ``{'package.module.ATTR': value}`` for the duration, then restores them; an
+  unknown module or attribute is a ValueError naming it."""
+  saved = []
+  try:
+    for path, value in attrs.items():
+      mod_name, _, attr = path.rpartition(".")
+      try:
+        mod = importlib.import_module(mod_name)
+      except ImportError:
+        raise ValueError(f"variant item %{path}: no module {mod_name!r}") from None
+      if not hasattr(mod, attr):
+        raise ValueError(f"variant item %{path}: module {mod_name!r} has no attribute {attr!r}")
+      saved.append((mod, attr, getattr(mod, attr)))
+      setattr(mod, attr, value)
+    yield
+  finally:
+    for mod, attr, value in reversed(saved):
+      setattr(mod, attr, value)
 
 
 def apply_overrides(config, overrides: dict):
@@ -127,11 +172,13 @@ def max_rel_diff(metrics: dict, reference: dict) -> tuple[float, str | None]:
   return worst, worst_key
 
 
-def build(config, batch: int, options: dict) -> dict:
-  """``train_step.prepare_step``'s step, compiled with ``options``, with its states and batch."""
-  p_step, g, d, dev_batch = train_step.prepare_step(config, batch)
-  t0 = time.perf_counter()
-  compiled = p_step.lower(g, d, dev_batch).compile(options or None)
+def build(config, batch: int, options: dict, attrs: dict | None = None) -> dict:
+  """``train_step.prepare_step``'s step, compiled with ``options`` (and traced with the
+  module attributes ``attrs`` set), with its states and batch."""
+  with module_attributes(attrs or {}):
+    p_step, g, d, dev_batch = train_step.prepare_step(config, batch)
+    t0 = time.perf_counter()
+    compiled = p_step.lower(g, d, dev_batch).compile(options or None)
   return {"compiled": compiled, "g": g, "d": d, "batch": dev_batch, "metrics": None,
           "compile_s": round(time.perf_counter() - t0, 2)}
 
@@ -180,16 +227,18 @@ def main(argv):
   if FLAGS.image_size:
     base.image_size = FLAGS.image_size
   configs = {}
-  for name, overrides, _ in specs:  # every variant checked before any compiles
+  for name, overrides, _, attrs in specs:  # every variant checked before any compiles
     try:
       configs[name] = apply_overrides(base, overrides)
-    except (KeyError, TypeError) as e:  # unknown field; a value of the wrong type
+      with module_attributes(attrs):
+        pass
+    except (KeyError, TypeError, ValueError) as e:  # unknown field or attribute; a wrong type
       raise app.UsageError(f"--variant={name}: {e.args[0]}") from None
   states = {}
-  for name, _, options in specs:
+  for name, _, options, attrs in specs:
     config = configs[name]
     try:
-      states[name] = build(config, FLAGS.batch, options)
+      states[name] = build(config, FLAGS.batch, options, attrs)
     except jax.errors.JaxRuntimeError as e:
       if not options:
         raise
@@ -201,10 +250,11 @@ def main(argv):
   dev = jax.local_devices()[0]
   rows = summarise(round_ms)
   out = []
-  for (name, overrides, options), row in zip(specs, rows.values()):
+  for (name, overrides, options, attrs), row in zip(specs, rows.values()):
     metrics = {k: np.asarray(v) for k, v in states[name]["metrics"].items()}
     diff, key = max_rel_diff(metrics, ref)
-    out.append({"name": name, "overrides": overrides, "options": options, **row,
+    out.append({"name": name, "overrides": overrides, "options": options,
+                "module_attributes": {k: repr(v) for k, v in attrs.items()}, **row,
                 "compile_s": states[name]["compile_s"], "max_rel_metric_diff": diff,
                 "max_rel_metric_diff_key": key})
   print(json.dumps({"summary": "ab_step", "device": f"{dev.platform}:{dev.device_kind}",

@@ -83,14 +83,34 @@ def test_compare_pairs_repeats_with_their_own_torch_row_and_summarises_them():
 
 def test_ab_step_reads_variants_overrides_and_compiler_options():
   from benchmarks import ab_step
-  assert ab_step.parse_variant("base:") == ("base", {}, {})
-  name, overrides, options = ab_step.parse_variant(
-      "x: conv_impl=xla, per_device_batch_size=2,@xla_cpu_enable_fast_math=false,gp_weight=0.5")
+  assert ab_step.parse_variant("base:") == ("base", {}, {}, {})
+  name, overrides, options, attrs = ab_step.parse_variant(
+      "x: conv_impl=xla, per_device_batch_size=2,@xla_cpu_enable_fast_math=false,gp_weight=0.5,"
+      "%sils_jax.models.direct_conv.SMALL_IN_CHANNELS=(1, 3)")
   assert (name, overrides, options) == ("x", {"conv_impl": "xla", "per_device_batch_size": 2, "gp_weight": 0.5},
                                         {"xla_cpu_enable_fast_math": False})
-  for bad in ("nocolon", ":conv_impl=xla", "x:conv_impl", "x:@=1"):
+  assert attrs == {"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": (1, 3)}
+  for bad in ("nocolon", ":conv_impl=xla", "x:conv_impl", "x:@=1", "x:%=1", "x:%NOMODULE=1"):
     with pytest.raises(ValueError, match="variant"):
       ab_step.parse_variant(bad)
+
+
+def test_ab_step_module_attributes_are_set_for_the_block_then_restored():
+  from benchmarks import ab_step
+  from sils_jax.models import direct_conv
+  before = direct_conv.SMALL_IN_CHANNELS
+  with ab_step.module_attributes({"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": ()}):
+    assert direct_conv.SMALL_IN_CHANNELS == ()
+  assert direct_conv.SMALL_IN_CHANNELS == before
+  with pytest.raises(RuntimeError):  # restored when the block raises too
+    with ab_step.module_attributes({"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": ()}):
+      raise RuntimeError
+  assert direct_conv.SMALL_IN_CHANNELS == before
+  for path, msg in (("sils_jax.models.direct_conv.NOPE", "no attribute 'NOPE'"), ("no_such_mod.X", "no module")):
+    with pytest.raises(ValueError, match=msg):
+      with ab_step.module_attributes({"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": (), path: 1}):
+        pass
+    assert direct_conv.SMALL_IN_CHANNELS == before  # the first one set is restored
 
 
 def test_ab_step_overrides_a_copy_and_rejects_unknown_fields():

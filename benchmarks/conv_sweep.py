@@ -22,9 +22,11 @@ for the discriminators' also the R1 penalty's second-order gradient, as the step
 computes them. The thresholds of ``conv._winograd_pays`` were read off these lines
 and checked in the step (results/cpu_winograd_layers_2026-11-28.jsonl).
 
-``--direct``: the decoder's up-convs (phase form) and output conv at 128 px and
-``--batch``, the direct-conv kernels (sils_jax/models/direct_conv.py) against XLA's
-matrix forms, forward and gradients apart (results/cpu_direct_layers_b8_2026-12-07.jsonl).
+``--direct``: the decoder's up-convs (phase form) and output conv, and the first convs
+(3 input channels), at 128 px and ``--batch``, the direct-conv kernels
+(sils_jax/models/direct_conv.py) against XLA's matrix forms, forward and gradients apart
+(results/cpu_direct_layers_b8_2026-12-07.jsonl; with the first convs
+results/cpu_direct_layers_b{1,8}_2026-12-07b.jsonl).
 
 ``--thin``: the decoder's output conv (3x3, 16 -> 3 channels) over 16384 to 131072
 positions, forward and gradients timed apart for XLA's convolution, 'matmul' and
@@ -180,7 +182,8 @@ def thin_layers(repeats):
 
 
 def direct_layers(batch, repeats):
-  """The decoder's output conv and up-convs at 128 px and ``batch``: the direct-conv
+  """The decoder's output conv and up-convs, and the encoders' and discriminators' first
+  convs (4x4 stride 2, 3 -> 16 / 32 channels) at 128 px and ``batch``: the direct-conv
   kernels (conv_impl='direct') against XLA's matrix forms ('winograd'), forward and
   gradients (both inputs' VJP) timed apart, alternately; medians; ``direct`` says
   whether the kernels take the layer."""
@@ -191,16 +194,21 @@ def direct_layers(batch, repeats):
   rng = np.random.default_rng(0)
   cases = [("up", 128 // 32 * 2 ** i, cin, f) for i, (cin, f) in
            enumerate([(256, 128), (256, 64), (128, 32), (64, 16), (32, 16)])] + [("out", 128, 16, 3)]
+  cases += [("first", 128, 3, 16), ("first", 128, 3, 32)]
   for kind, h, cin, f in cases:
     x = jnp.asarray(rng.standard_normal((batch, h, h, cin)), jnp.float32)
     if kind == "up":
       w = jnp.asarray(rng.standard_normal((4, 4, cin, f)) * 0.1, jnp.float32)
       forms = {impl: (lambda x, w, impl=impl: phase_conv_transpose(x, w, impl)) for impl in ("winograd", "direct")}
       takes = direct_conv.supports_up(cin, f, x.dtype)
-    else:
+    elif kind == "out":
       w = jnp.asarray(rng.standard_normal((3, 3, cin, f)) * 0.1, jnp.float32)
       forms = {impl: (lambda x, w, impl=impl: conv2d(x, w, (1, 1), "SAME", impl)) for impl in ("winograd", "direct")}
       takes = direct_conv.supports(w.shape, (1, 1), "SAME", x.dtype)
+    else:
+      w = jnp.asarray(rng.standard_normal((4, 4, cin, f)) * 0.1, jnp.float32)
+      forms = {impl: (lambda x, w, impl=impl: conv2d(x, w, (2, 2), "SAME", impl)) for impl in ("winograd", "direct")}
+      takes = direct_conv.supports_strided(x.shape, w.shape, (2, 2), "SAME", x.dtype)
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(forms["winograd"], x, w).shape), jnp.float32)
     row = dict(S=128, B=batch, kind=kind, h=h, cin=cin, cout=f, direct=takes)
     print(json.dumps({**row, **fwd_grad_medians(forms, x, w, dy, repeats)}), flush=True)
@@ -212,7 +220,7 @@ def main():
   p.add_argument("--winograd", action="store_true", help="4x4 stride-2 convs: matmul vs Winograd, 128 px")
   p.add_argument("--thin", action="store_true", help="the output conv over 16384-131072 positions: "
                  "XLA, matmul and the thin form, forward and gradients apart")
-  p.add_argument("--direct", action="store_true", help="the decoder's up-convs and output conv at 128 px: "
+  p.add_argument("--direct", action="store_true", help="the decoder's up-convs and output conv and the first convs at 128 px: "
                  "the direct-conv kernels against XLA's matrix forms, forward and gradients apart")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=9, help="--winograd, --thin, --direct: alternating timed calls per form")

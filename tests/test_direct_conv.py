@@ -93,10 +93,15 @@ def test_direct_up_conv_equals_the_transposed_conv_to_second_order(shape, featur
 # including one-pixel outputs and more output channels than one block of 4 vectors
 _STRIDED_CASES = [((2, 8, 8, 16), 16), ((1, 6, 10, 32), 32), ((2, 4, 4, 64), 64), ((1, 2, 2, 16), 128),
                   ((1, 12, 4, 64), 48), ((1, 4, 4, 128), 16), ((1, 2, 4, 16), 256)]
+# the first convs, on 1-4 channel images (s2_input_grad_small: chunks of 16 output rows
+# with a halo row each side, so 70 rows are three chunks; one-pixel-wide outputs; the
+# weight gradient's partial channel block)
+_STRIDED_SMALL_CASES = [((2, 8, 8, 3), 16), ((1, 70, 12, 3), 32), ((2, 6, 2, 1), 64), ((1, 34, 10, 2), 16),
+                        ((1, 4, 6, 4), 32), ((3, 2, 2, 3), 16)]
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape,cout", _STRIDED_CASES)
+@pytest.mark.parametrize("shape,cout", _STRIDED_CASES + _STRIDED_SMALL_CASES)
 def test_direct_strided_conv_equals_xla_conv_to_second_order(shape, cout):
   from test_models import _assert_equals_xla_conv_to_second_order
   x = jax.random.normal(jax.random.key(0), shape)
@@ -142,7 +147,10 @@ def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   # 4x4 stride-2: 16k channels, even sizes, float32; not where Winograd pays over fewer
   # than DIRECT_OVER_WINOGRAD_POSITIONS positions
   assert runs_direct((2, 8, 8, 16), (4, 4, 16, 32), strides="22")
-  assert not runs_direct((2, 8, 8, 3), (4, 4, 3, 16), strides="22")  # the first convs
+  assert runs_direct((2, 8, 8, 3), (4, 4, 3, 16), strides="22")  # the first convs
+  assert runs_direct((2, 8, 8, 1), (4, 4, 1, 64), strides="22")
+  assert not runs_direct((2, 8, 8, 3), (4, 4, 3, 48), strides="22")  # F of 16, 32, 64 only there
+  assert not runs_direct((2, 8, 8, 5), (4, 4, 5, 16), strides="22")
   assert not runs_direct((2, 8, 8, 16), (4, 4, 16, 8), strides="22")
   assert not runs_direct((2, 9, 9, 16), (4, 4, 16, 32), strides="22")  # odd size
   assert not runs_direct((2, 8, 8, 16), (4, 4, 16, 32), strides="22", dtype=jnp.bfloat16)
@@ -159,16 +167,17 @@ def test_auto_takes_the_kernels_only_for_the_convs_they_support():
   v = dec.init(jax.random.key(1), feats, train=False)
   text = str(jax.make_jaxpr(lambda f: dec.apply(v, f, train=False))(feats))
   assert text.count("sils_direct_conv_fwd") == 1 and text.count("sils_direct_conv_up_fwd") == 3
-  # the encoder's convs but the first (3 input channels) at batch 1
+  # every encoder conv at batch 1, the first (3 input channels) included
   enc = Encoder()
   ev = enc.init(jax.random.key(2), x, train=False)
-  assert str(jax.make_jaxpr(lambda x: enc.apply(ev, x, train=False))(x)).count("sils_direct_conv_s2_fwd") == 4
+  assert str(jax.make_jaxpr(lambda x: enc.apply(ev, x, train=False))(x)).count("sils_direct_conv_s2_fwd") == 5
 
 
 @needs_kernels
 def test_direct_conv_is_deterministic():
   """Fixed chunks of rows, partial weight gradients added in chunk order: the same bits
-  on every call, whichever thread runs which chunk (output conv and up-conv)."""
+  on every call, whichever thread runs which chunk (output conv, up-conv, and the
+  strided conv of a 3-channel image)."""
   x = jax.random.normal(jax.random.key(0), (4, 64, 64, 16))
   dy = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
   w = jax.random.normal(jax.random.key(2), (3, 3, 16, 3))
@@ -185,6 +194,16 @@ def test_direct_conv_is_deterministic():
   first = up(x, k, dz)
   for _ in range(3):
     for a, b in zip(up(x, k, dz), first):
+      np.testing.assert_array_equal(a, b)
+  # the strided conv on a 3-channel image: each thread's buffer of the input gradient
+  xs = jax.random.normal(jax.random.key(5), (4, 96, 64, 3))
+  ws = jax.random.normal(jax.random.key(6), (4, 4, 3, 32))
+  dys = jax.random.normal(jax.random.key(7), (4, 48, 32, 32))
+  s2 = jax.jit(lambda x, w, dy: (direct_conv.strided_conv(x, w), direct_conv.strided_conv_input_grad(dy, w),
+                                 direct_conv.strided_conv_weight_grad(x, dy, w.shape)))
+  first = s2(xs, ws, dys)
+  for _ in range(3):
+    for a, b in zip(s2(xs, ws, dys), first):
       np.testing.assert_array_equal(a, b)
 
 
@@ -241,8 +260,8 @@ print("ok")
 
 @needs_kernels
 def test_train_step_with_direct_conv_matches_the_xla_forms():
-  """One train step of a model with 16k channels, whose every conv but the 3-channel
-  first ones (and the 8-channel discriminator logits) runs in the kernels ('direct',
+  """One train step of a model with 16k channels, whose every conv, the 3-channel first
+  ones included, but the discriminators' 1x1 logits runs in the kernels ('direct',
   the R1 penalty's second order included), against XLA's matrix forms ('winograd'):
   the same losses and updated parameters to float rounding."""
   from test_train import _one_step

@@ -51,13 +51,15 @@ convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
             place): the decoder's output conv (``direct_conv.supports``: 3x3, stride
             1, 16k -> 1-3 channels), its up-convs with 16-128 input channels
             (``upsample.phase_conv_transpose``) and the 4x4 stride-2 convs of
-            even-sized inputs with 16k input and output channels
-            (``_strided_direct_pays``: all but the 3-channel first convs, and not
-            where Winograd pays over fewer than ``DIRECT_OVER_WINOGRAD_POSITIONS``
-            positions). In one process at 128x128 the step took 0.78 of 'winograd''s
-            time at batch 8 and 0.94 at batch 1 with the decoder's kernels, then 0.90
-            and 0.94 of that with the strided ones (benchmarks/README.md). Float32 on
-            the CPU backend only; a clear error if the kernels cannot be built.
+            even-sized inputs with 16k input and output channels, or 1-4 input
+            channels and 16, 32 or 64 outputs (the first convs, on images)
+            (``_strided_direct_pays``: all of them but where Winograd pays over fewer
+            than ``DIRECT_OVER_WINOGRAD_POSITIONS`` positions). In one process at
+            128x128 the step took 0.78 of 'winograd''s time at batch 8 and 0.94 at
+            batch 1 with the decoder's kernels, then 0.90 and 0.94 of that with the
+            strided ones, then 0.96 of that at both batch sizes with the first convs
+            (benchmarks/README.md). Float32 on the CPU backend only; a clear error if
+            the kernels cannot be built.
   'auto'    'direct' on the CPU backend where the kernels built (else 'winograd': one
             warning says why); 'xla' on every other backend. Without the kernels, and
             in a process where glibc does not keep freed memory

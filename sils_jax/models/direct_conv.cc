@@ -551,7 +551,8 @@ ffi::Error UpDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 // ---------------------------------------------------------------------------------
 // 4x4 stride-2 'SAME' convolutions (the encoders' and discriminators'), even H and W:
 //   y[oi, oj, f] = sum over a, b in 0..3 and c of x[2 oi + a - 1, 2 oj + b - 1, c] w[a, b, c, f],
-// zero outside the input; C and F multiples of 16.
+// zero outside the input; C and F multiples of 16, or C of 1..4 and F of 16, 32 or 64 (the
+// first convs, on images: s2_input_grad_small, and s2_weight_grad's partial channel block).
 
 struct S2Shape {
   int64_t b, h, w, c, f;  // input N, H, W, C (output H / 2 x W / 2); output channels F
@@ -670,7 +671,8 @@ void s2_input_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* dy, con
 // dw[a, b, c, f] = sum over oi, oj of x[2 oi + a - 1, 2 oj + b - 1, c] dy[oi, oj, f]: per
 // chunk of output rows, one tap row a and CB channels at a time (4 b x CB x NFB = 16
 // accumulators), into the chunk's partial; the partials are added in chunk order.
-template <int NFB>
+// kPartial: C need not divide by CB (1..4 channels), the last block takes what is left.
+template <int NFB, bool kPartial = false>
 void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, const float* dy, float* dw) {
   constexpr int CB = 4 / NFB;
   const int64_t ksize = 16 * s.c * s.f, rows = s.b * s.ho(), wo = s.wo(), per = grad_rows_per_chunk(rows);
@@ -682,6 +684,7 @@ void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, con
     for (int a = 0; a < 4; ++a)
       for (int64_t fv0 = 0; fv0 < s.f / kLanes; fv0 += NFB)
         for (int64_t c0 = 0; c0 < s.c; c0 += CB) {
+          const int cb = kPartial ? static_cast<int>(std::min<int64_t>(CB, s.c - c0)) : CB;
           v16 acc[4][CB][NFB] = {};
           for (int64_t r = r0; r < r1; ++r) {
             int64_t img = r / s.ho(), oi = r % s.ho();
@@ -697,6 +700,7 @@ void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, con
                 if (check && (col < 0 || col >= s.w)) continue;
                 const float* xp = xrow + col * s.c;
                 for (int e = 0; e < CB; ++e) {
+                  if (kPartial && e >= cb) break;
                   v16 xv = splat(xp[e]);
                   for (int q = 0; q < NFB; ++q) acc[b][e][q] += xv * d[q];
                 }
@@ -707,7 +711,7 @@ void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, con
             if (wo > 1) pixel(wo - 1, true);
           }
           for (int b = 0; b < 4; ++b)
-            for (int e = 0; e < CB; ++e)
+            for (int e = 0; e < cb; ++e)
               for (int q = 0; q < NFB; ++q)
                 store(part + ((a * 4 + b) * s.c + c0 + e) * s.f + (fv0 + q) * kLanes, acc[b][e][q]);
         }
@@ -715,7 +719,104 @@ void s2_weight_grad(ffi::ThreadPool& pool, const S2Shape& s, const float* x, con
   sum_partials(partial.get(), chunks, ksize, dw);
 }
 
-bool s2_supported(int64_t c, int64_t f) { return c % kLanes == 0 && f % kLanes == 0 && c > 0 && f > 0; }
+// dx for C = 1..4 input channels (the first convs, on images; too few channels for a
+// vector), in two steps per chunk of R output rows oi of one image (and the input rows
+// 2 oi, 2 oi + 1 they give). First, for those rows and one more on each side, per output
+// pixel o and all 16 C of its (tap, channel) pairs, t[o, a, b, c] = sum over f of dy[o, f]
+// w[a, b, c, f]: vectors over (a, b, c) (C vectors), dy broadcast, P pixels sharing each
+// weight load; stored as rows (oi, a, half, oj, b % 2, c) with half = b / 2, in a
+// per-thread buffer that stays in cache. Then each input row i = 2 oi + a - 1 adds its
+// two (oi, a) contributions: input pixel j = 2 oj + b - 1, so
+// dx[i, 2 m + 1 .. 2 m + 2, :] = t[oi, a, half 1, m] + t[oi, a, half 0, m + 1], a
+// contiguous sum. A halo row is computed by both chunks the same way: same values.
+template <int C, int NF>
+void s2_input_grad_small(ffi::ThreadPool& pool, const S2Shape& s, const float* dy, const float* w, float* dx) {
+  constexpr int F = NF * kLanes, P = C == 4 ? 6 : 8;
+  constexpr int64_t R = 16;
+  const int64_t ho = s.ho(), wo = s.wo(), half_row = wo * 2 * C;  // floats of one (oi, a, half) row
+  // wv[f * C + v]: vector v of the 16 C values (a, b, c) of output channel f
+  std::vector<v16> wv(F * C);
+  for (int t = 0; t < 16; ++t)
+    for (int c = 0; c < C; ++c)
+      for (int f = 0; f < F; ++f) wv[f * C + (t * C + c) / kLanes][(t * C + c) % kLanes] = w[(t * C + c) * F + f];
+  const v16* wp = wv.data();
+  auto block = [&](float* trow, const float* dyrow, int64_t oj0, auto pixels) {
+    constexpr int Q = decltype(pixels)::value;
+    v16 acc[Q][C] = {};
+    const float* d = dyrow + oj0 * F;
+    for (int f = 0; f < F; ++f) {
+      v16 wf[C];
+      for (int v = 0; v < C; ++v) wf[v] = wp[f * C + v];
+      for (int p = 0; p < Q; ++p) {
+        v16 dv = splat(d[p * F + f]);
+        for (int v = 0; v < C; ++v) acc[p][v] += dv * wf[v];
+      }
+    }
+    for (int p = 0; p < Q; ++p) {
+      float vals[16 * C];
+      for (int v = 0; v < C; ++v) store(vals + v * kLanes, acc[p][v]);
+      for (int ah = 0; ah < 8; ++ah)  // (a, half): values (a * 4 + 2 half) * C .. + 2 C
+        std::memcpy(trow + ah * half_row + (oj0 + p) * 2 * C, vals + 2 * ah * C, 2 * C * sizeof(float));
+    }
+  };
+  const int64_t per_img = (ho + R - 1) / R;
+  parallel_chunks(pool, s.b * per_img, [&](int64_t chunk) {
+    const int64_t img = chunk / per_img, o0 = (chunk % per_img) * R, o1 = std::min(ho, o0 + R);
+    const int64_t t0 = std::max<int64_t>(0, o0 - 1), t1 = std::min(ho, o1 + 1);
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>((t1 - t0) * 8 * half_row)) buf.resize((t1 - t0) * 8 * half_row);
+    float* tp = buf.data();
+    for (int64_t oi = t0; oi < t1; ++oi) {
+      float* trow = tp + (oi - t0) * 8 * half_row;
+      const float* dyrow = dy + (img * ho + oi) * wo * F;
+      int64_t oj = 0;
+      for (; oj + P <= wo; oj += P) block(trow, dyrow, oj, std::integral_constant<int, P>());
+      for (; oj < wo; ++oj) block(trow, dyrow, oj, std::integral_constant<int, 1>());
+    }
+    for (int64_t i = 2 * o0; i < 2 * o1; ++i) {
+      const int64_t ri = i % 2;
+      float* out = dx + (img * s.h + i) * s.w * C;
+      std::fill(out, out + s.w * C, 0.f);
+      for (int er = 0; er < 2; ++er) {
+        const int64_t oi = i / 2 + ri - er;
+        if (oi < 0 || oi >= ho) continue;
+        const int a = 1 - static_cast<int>(ri) + 2 * er;
+        const float* lo = tp + ((oi - t0) * 8 + a * 2) * half_row;  // b = 0, 1
+        const float* hi = lo + half_row;                            // b = 2, 3
+        for (int c = 0; c < C; ++c) out[c] += lo[C + c];  // pixel 0: b = 1 of oj = 0
+        const int64_t n = (wo - 1) * 2 * C;
+        float* mid = out + C;
+        for (int64_t e = 0; e < n; ++e) mid[e] += hi[e] + lo[2 * C + e];
+        for (int c = 0; c < C; ++c) out[(s.w - 1) * C + c] += hi[n + c];  // last pixel: b = 2 of the last oj
+      }
+    }
+  });
+}
+
+template <int C, int NF> struct SmallDx {
+  template <typename... A> static void run(A&&... a) { s2_input_grad_small<C, NF>(a...); }
+};
+
+// Op<C, NF>::run(args) for C = 1..4 input channels and NF = F / 16 = 1, 2 or 4 (s2_supported).
+template <template <int, int> class Op, int C, typename... Args>
+void small_nf(int64_t nf, Args&&... args) {
+  if (nf == 1) Op<C, 1>::run(args...);
+  else if (nf == 2) Op<C, 2>::run(args...);
+  else Op<C, 4>::run(args...);
+}
+template <template <int, int> class Op, typename... Args>
+void small_channels(int64_t c, int64_t nf, Args&&... args) {
+  if (c == 1) small_nf<Op, 1>(nf, args...);
+  else if (c == 2) small_nf<Op, 2>(nf, args...);
+  else if (c == 3) small_nf<Op, 3>(nf, args...);
+  else small_nf<Op, 4>(nf, args...);
+}
+
+constexpr int64_t kMaxSmallChannels = 4;
+bool s2_supported(int64_t c, int64_t f) {
+  if (c > 0 && c <= kMaxSmallChannels) return f == 16 || f == 32 || f == 64;
+  return c % kLanes == 0 && f % kLanes == 0 && c > 0 && f > 0;
+}
 
 // x (N, H, W, C) or dy (N, H/2, W/2, F), and w (4, 4, C, F): the shape, or an error.
 ffi::Error s2_shape(ffi::Buffer<ffi::F32>& act, bool gradient, const ffi::Span<const int64_t>& wd, S2Shape* s) {
@@ -726,7 +827,7 @@ ffi::Error s2_shape(ffi::Buffer<ffi::F32>& act, bool gradient, const ffi::Span<c
   if (ad[3] != (gradient ? s->f : s->c) || s->h % 2 || s->w % 2)
     return ffi::Error::InvalidArgument("direct_conv strided: activation shape does not match the kernel");
   if (!s2_supported(s->c, s->f))
-    return ffi::Error::InvalidArgument("direct_conv strided: needs C and F multiples of 16");
+    return ffi::Error::InvalidArgument("direct_conv strided: needs C and F multiples of 16, or C of 1..4 and F of 16, 32 or 64");
   return ffi::Error::Success();
 }
 
@@ -746,7 +847,9 @@ ffi::Error S2DxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<
   S2Shape s;
   if (auto e = s2_shape(dy, true, w.dimensions(), &s); e.failure()) return e;
   const int64_t cv = s.c / kLanes;
-  if (cv % 4 == 0) s2_input_grad<4>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  if (s.c < kLanes) {
+    small_channels<SmallDx>(s.c, s.f / kLanes, pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  } else if (cv % 4 == 0) s2_input_grad<4>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
   else if (cv % 2 == 0) s2_input_grad<2>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
   else s2_input_grad<1>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
   return ffi::Error::Success();
@@ -760,7 +863,8 @@ ffi::Error S2DwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (dd.size() != 4 || dd[0] != s.b || dd[1] != s.ho() || dd[2] != s.wo() || dd[3] != s.f)
     return ffi::Error::InvalidArgument("direct_conv strided: dy shape does not match x and the kernel");
   const int64_t fv = s.f / kLanes;
-  if (fv % 4 == 0) s2_weight_grad<4>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
+  if (s.c % kLanes) s2_weight_grad<1, true>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
+  else if (fv % 4 == 0) s2_weight_grad<4>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
   else if (fv % 2 == 0) s2_weight_grad<2>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
   else s2_weight_grad<1>(pool, s, x.typed_data(), dy.typed_data(), dw->typed_data());
   return ffi::Error::Success();

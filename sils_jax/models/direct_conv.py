@@ -1,7 +1,8 @@
 """Direct CPU kernels for the model's convolutions, with their gradients, as XLA FFI
 calls (``direct_conv.cc``): the decoder's output conv (3x3, 16 -> 3 channels;
 ``conv3x3``), its 4x4 stride-2 up-convs in their phase form (``up_conv``), and the
-encoders' and discriminators' 4x4 stride-2 convs (``strided_conv``).
+encoders' and discriminators' 4x4 stride-2 convs (``strided_conv``; their first ones on
+the 3-channel images too).
 
 In XLA's graph these convs move several times the data of the convs themselves: the
 output conv a 27-channel product and shifted sum forward and 27-channel patch matrices
@@ -58,6 +59,11 @@ MAX_FEATURES = 3
 # forms: 5.8 against 4.6 and 8.3 against 6.7 ms forward + gradients at batch 8
 UP_IN_CHANNELS = (16, 32, 64, 128)
 UP_FEATURES = (16, 32, 64)
+# the strided kernels' input channels below one vector (the encoders' and discriminators'
+# first convs, on 1-4 channel images: s2_input_grad_small and a partial channel block),
+# with these output channels
+SMALL_IN_CHANNELS = (1, 2, 3, 4)
+SMALL_IN_FEATURES = (16, 32, 64)
 
 _lock = threading.Lock()
 _state: dict = {}  # 'ok': bool, 'reason': str, 'path': str
@@ -224,12 +230,15 @@ up_conv, up_conv_input_grad, up_conv_weight_grad = _bilinear(
 
 def supports_strided(x_shape, kernel_shape, strides, padding, dtype) -> bool:
   """Whether the kernels compute this conv: 4x4, stride 2, 'SAME', an even-sized input,
-  float32, input and output channels multiples of 16."""
+  float32, and input and output channels multiples of 16, or input channels in
+  ``SMALL_IN_CHANNELS`` and output channels in ``SMALL_IN_FEATURES`` (the first convs,
+  on images)."""
   _, h, w, _ = x_shape
   kh, kw, cin, cout = kernel_shape
+  channels = ((cin % LANES == 0 and cout % LANES == 0 and cin > 0 and cout > 0)
+              or (cin in SMALL_IN_CHANNELS and cout in SMALL_IN_FEATURES))
   return ((kh, kw) == (4, 4) and tuple(strides) == (2, 2) and padding == "SAME" and h % 2 == 0
-          and w % 2 == 0 and h > 0 and w > 0 and cin % LANES == 0 and cout % LANES == 0 and cin > 0
-          and cout > 0 and jnp.dtype(dtype) == jnp.float32)
+          and w % 2 == 0 and h > 0 and w > 0 and channels and jnp.dtype(dtype) == jnp.float32)
 
 
 # 4x4 stride-2 'SAME' convs of even-sized inputs (the encoders' and discriminators'):

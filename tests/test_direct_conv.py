@@ -68,7 +68,8 @@ def test_direct_conv_equals_xla_conv_to_second_order(shape, cout):
 # (input shape, features): the decoder's up-convs' channel counts (16/32/64/128 in,
 # 16/32/64 out) at small sizes, odd and one-pixel ones (every column on the border)
 _UP_CASES = [((2, 3, 4, 16), 16), ((1, 5, 6, 32), 16), ((2, 4, 4, 16), 32), ((1, 3, 3, 128), 64),
-             ((1, 1, 1, 16), 16), ((1, 2, 9, 64), 16), ((1, 9, 2, 16), 32)]
+             ((1, 1, 1, 16), 16), ((1, 2, 9, 64), 16), ((1, 9, 2, 16), 32),
+             ((1, 2, 21, 16), 16), ((1, 3, 12, 32), 16)]  # the input gradient's full 16- and 8-pixel blocks
 
 
 @needs_kernels

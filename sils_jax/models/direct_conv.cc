@@ -416,9 +416,16 @@ inline void up_input_grad_block(const UpShape& s, const float* dy, const float* 
   }
 }
 
+template <int NC, int P>
+inline void up_input_grad_inner(const UpShape& s, const float* dy, const float* kt, int64_t img, int64_t i,
+                                int64_t j, int64_t end, float* dx) {
+  for (; j + P <= end; j += P) up_input_grad_block<NC, P, false>(s, dy, kt, img, i, j, dx);
+  if constexpr (P > 1) up_input_grad_inner<NC, P / 2>(s, dy, kt, img, i, j, end, dx);
+}
+
 template <int NC>
 void up_input_grad(ffi::ThreadPool& pool, const UpShape& s, const float* dy, const float* k, float* dx) {
-  constexpr int P = NC == 1 ? 8 : NC == 2 ? 4 : NC == 4 ? 2 : 1;
+  constexpr int P = NC == 1 ? 16 : NC == 2 ? 8 : NC == 4 ? 4 : 2;
   std::vector<float> kt(16 * s.f * s.c);  // (a, c, py, px, f, ch)
   for (int t = 0; t < 4; ++t)
     for (int64_t ch = 0; ch < s.c; ++ch)
@@ -428,12 +435,10 @@ void up_input_grad(ffi::ThreadPool& pool, const UpShape& s, const float* dy, con
   int64_t rows = s.b * s.h;
   parallel_rows(pool, rows, [&](int64_t r) {
     int64_t img = r / s.h, i = r % s.h;
-    int64_t j = 0;
-    for (; j + P <= s.w; j += P) {
-      if (j == 0 || j + P == s.w) up_input_grad_block<NC, P, true>(s, dy, ktp, img, i, j, dx);
-      else up_input_grad_block<NC, P, false>(s, dy, ktp, img, i, j, dx);
-    }
-    for (; j < s.w; ++j) up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, j, dx);
+    // the first and last columns check theirs; those between run unchecked in blocks
+    up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, 0, dx);
+    up_input_grad_inner<NC, P>(s, dy, ktp, img, i, 1, s.w - 1, dx);
+    if (s.w > 1) up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, s.w - 1, dx);
   });
 }
 

@@ -14,7 +14,10 @@ fewer products, the sub-pixel up-conv more (9 taps of 4F outputs against the
 transposed conv's 16 of F), and the direct CPU kernels are FFI calls that XLA's cost
 analysis does not see into. Elementwise work is not counted.
 
-  python -c "from benchmarks import flop_count; ..."  (library; no command line)
+A library, no command line:
+
+  from benchmarks import flop_count
+  flop_count.flops(jax.grad(loss), params, batch)   # traced, not run
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Two builds of the direct-conv CPU kernels (sils_jax/models/direct_conv.cc) timed
-against each other in one process, kernel by kernel, at the decoder's shapes.
+against each other in one process, kernel by kernel, at the decoder's shapes
+(``--family=decoder``) or the strided convs' (``--family=strided``).
 
   g++ -O3 -march=native -std=c++17 -shared -fPIC -w -I"$(python -c 'import jax.ffi as f; print(f.include_dir())')" \\
       sils_jax/models/direct_conv.cc -o /tmp/new.so
@@ -7,7 +8,9 @@ against each other in one process, kernel by kernel, at the decoder's shapes.
 
 Both libraries are registered under their own FFI names; every kernel (the output conv's
 forward, input and weight gradients at 128x128, 16 -> 3 channels; the up-convs' at 64,
-32 and 16 px input, 32 -> 16, 64 -> 16 and 128 -> 32 channels) runs alternately from A
+32 and 16 px input, 32 -> 16, 64 -> 16 and 128 -> 32 channels; with --family=strided the
+4x4 stride-2 convs' of the synthetic model at 128x128: the first convs 3 -> 16 / 32, and
+16 -> 32, 32 -> 64, 64 -> 128, 128 -> 256, 128 -> 32) runs alternately from A
 and B, ``--rounds`` rounds of 5 calls each, A first in even rounds. One JSON line per
 kernel: median ms of A and B, B / A (< 1: B faster) and the largest relative difference
 of their outputs (0 for the same sums in the same order). This is how kernel changes
@@ -26,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sils_jax import cpu_memory  # noqa: E402
 
 _SYMBOLS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw",
-            "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw"}
+            "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw",
+            "s2_fwd": "SilsDirectS2ConvFwd", "s2_dx": "SilsDirectS2ConvDx", "s2_dw": "SilsDirectS2ConvDw"}
 
 
 def main():
@@ -35,6 +39,8 @@ def main():
   p.add_argument("--b", required=True, help="shared library B")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--rounds", type=int, default=10)
+  p.add_argument("--family", choices=("decoder", "strided"), default="decoder",
+                 help="the decoder's output conv and up-convs, or the 4x4 stride-2 convs")
   args = p.parse_args()
   cpu_memory.keep_freed_memory()
   import jax
@@ -49,12 +55,20 @@ def main():
   rand = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   b = args.batch
   cases = []
-  x, w, dy = rand(b, 128, 128, 16), rand(3, 3, 16, 3), rand(b, 128, 128, 3)
-  cases += [("out", "fwd", (x, w), dy.shape), ("out", "dx", (dy, w), x.shape), ("out", "dw", (x, dy), w.shape)]
-  for h, c, f in [(64, 32, 16), (32, 64, 16), (16, 128, 32)]:
-    x, k, dz = rand(b, h, h, c), rand(2, 2, c, 2, 2, f), rand(b, 2 * h, 2 * h, f)
-    cases += [(f"up{h}", "up_fwd", (x, k), dz.shape), (f"up{h}", "up_dx", (dz, k), x.shape),
-              (f"up{h}", "up_dw", (x, dz), k.shape)]
+  if args.family == "decoder":
+    x, w, dy = rand(b, 128, 128, 16), rand(3, 3, 16, 3), rand(b, 128, 128, 3)
+    cases += [("out", "fwd", (x, w), dy.shape), ("out", "dx", (dy, w), x.shape), ("out", "dw", (x, dy), w.shape)]
+    for h, c, f in [(64, 32, 16), (32, 64, 16), (16, 128, 32)]:
+      x, k, dz = rand(b, h, h, c), rand(2, 2, c, 2, 2, f), rand(b, 2 * h, 2 * h, f)
+      cases += [(f"up{h}", "up_fwd", (x, k), dz.shape), (f"up{h}", "up_dx", (dz, k), x.shape),
+                (f"up{h}", "up_dw", (x, dz), k.shape)]
+  else:
+    for h, c, f in [(128, 3, 16), (128, 3, 32), (64, 16, 32), (64, 32, 64), (16, 64, 128), (8, 128, 256),
+                    (16, 128, 32)]:
+      x, w, dy = rand(b, h, h, c), rand(4, 4, c, f), rand(b, h // 2, h // 2, f)
+      layer = f"s2_{h}_{c}to{f}"
+      cases += [(layer, "s2_fwd", (x, w), dy.shape), (layer, "s2_dx", (dy, w), x.shape),
+                (layer, "s2_dw", (x, dy), w.shape)]
   runs = {}
   for layer, kernel, operands, shape in cases:
     for tag in "AB":

@@ -210,8 +210,8 @@ def test_direct_conv_is_deterministic():
 
 @needs_kernels
 def test_weight_gradients_over_many_rows():
-  """More rows than 64 chunks of 8: the weight-gradient kernels take more rows per chunk
-  (their partials stay at 64 kernel-sized buffers) and still sum every row once."""
+  """More rows than 16 chunks of 8: the weight-gradient kernels take more rows per chunk
+  (their partials stay at 16 kernel-sized buffers) and still sum every row once."""
   x = jax.random.normal(jax.random.key(0), (8, 160, 6, 16))  # 640 output rows for the strided conv
   dy = jax.random.normal(jax.random.key(1), (8, 80, 3, 16))
   got = direct_conv.strided_conv_weight_grad(x, dy, (4, 4, 16, 16))

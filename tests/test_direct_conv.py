@@ -38,7 +38,8 @@ def _xla(x, w):
 # vectors), one and two outputs, images narrower or shorter than the kernel (every
 # pixel on the border)
 _CASES = [((2, 6, 6, 16), 3), ((1, 9, 7, 16), 3), ((2, 5, 4, 32), 1), ((1, 1, 1, 16), 2),
-          ((3, 2, 9, 16), 3), ((1, 8, 2, 32), 2)]
+          ((3, 2, 9, 16), 3), ((1, 8, 2, 32), 2),
+          ((1, 4, 17, 16), 3)]  # the input gradient's 8-, 4-, 2- and 1-pixel blocks of an inner row
 
 
 @needs_kernels

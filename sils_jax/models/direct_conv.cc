@@ -167,43 +167,58 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float*
   });
 }
 
-// dx[i, j, ch] = sum over taps (a, b) and f of dy[i - a + 1, j - b + 1, f] w[a, b, ch, f]
-template <int F, int NC, bool kBorder>
-inline void input_grad_pixel(const Shape& s, const float* dy, const v16* wv, int64_t img, int64_t i,
-                             int64_t j, float* dxp) {
+// dx[i, j, ch] = sum over taps (a, b) and f of dy[i - a + 1, j - b + 1, f] w[a, b, ch, f],
+// for P pixels (i, j0 + p) at once: P independent accumulators (one pixel alone is a chain
+// of 9 F dependent FMAs) sharing each weight load. kBorder: the taps may fall outside.
+template <int F, int NC, int P, bool kBorder>
+inline void input_grad_block(const Shape& s, const float* dy, const v16* wv, int64_t img, int64_t i,
+                             int64_t j0, float* dxp) {
   const int64_t nc = NC > 0 ? NC : s.c / kLanes;
   for (int64_t k = 0; k < nc; ++k) {
-    v16 acc = {};
+    v16 acc[P] = {};
     for (int a = 0; a < 3; ++a) {
       int64_t ii = i - a + 1;
       if (kBorder && (ii < 0 || ii >= s.h)) continue;
       const float* dyrow = dy + ((img * s.h + ii) * s.w) * F;
       for (int b = 0; b < 3; ++b) {
-        int64_t jj = j - b + 1;
-        if (kBorder && (jj < 0 || jj >= s.w)) continue;
-        const float* d = dyrow + jj * F;
         const v16* wt = wv + ((a * 3 + b) * nc + k) * F;
-        for (int f = 0; f < F; ++f) acc += splat(d[f]) * wt[f];
+        v16 wf[F];
+        for (int f = 0; f < F; ++f) wf[f] = wt[f];
+        for (int p = 0; p < P; ++p) {
+          int64_t jj = j0 + p - b + 1;
+          if (kBorder && (jj < 0 || jj >= s.w)) continue;
+          const float* d = dyrow + jj * F;
+          for (int f = 0; f < F; ++f) acc[p] += splat(d[f]) * wf[f];
+        }
       }
     }
-    store(dxp + k * kLanes, acc);
+    for (int p = 0; p < P; ++p) store(dxp + p * s.c + k * kLanes, acc[p]);
   }
+}
+
+// Pixels [j, end) of an inner row, whose taps are all inside, in blocks of P, P / 2, ..., 1.
+template <int F, int NC, int P>
+inline void input_grad_inner(const Shape& s, const float* dy, const v16* wv, int64_t img, int64_t i,
+                             int64_t j, int64_t end, float* dxr) {
+  for (; j + P <= end; j += P) input_grad_block<F, NC, P, false>(s, dy, wv, img, i, j, dxr + j * s.c);
+  if constexpr (P > 1) input_grad_inner<F, NC, P / 2>(s, dy, wv, img, i, j, end, dxr);
 }
 
 template <int F, int NC>
 void input_grad(ffi::ThreadPool& pool, const Shape& s, const float* dy, const float* w, float* dx) {
+  constexpr int P = 8;
   std::vector<v16> wp = pack_weights<F>(w, s.c);
   const v16* wv = wp.data();
   parallel_rows(pool, s.rows, [&](int64_t r) {
     int64_t i = r % s.h, img = r / s.h;
     float* dxr = dx + r * s.w * s.c;
     if (i == 0 || i == s.h - 1 || s.w < 3) {
-      for (int64_t j = 0; j < s.w; ++j) input_grad_pixel<F, NC, true>(s, dy, wv, img, i, j, dxr + j * s.c);
+      for (int64_t j = 0; j < s.w; ++j) input_grad_block<F, NC, 1, true>(s, dy, wv, img, i, j, dxr + j * s.c);
       return;
     }
-    input_grad_pixel<F, NC, true>(s, dy, wv, img, i, 0, dxr);
-    for (int64_t j = 1; j < s.w - 1; ++j) input_grad_pixel<F, NC, false>(s, dy, wv, img, i, j, dxr + j * s.c);
-    input_grad_pixel<F, NC, true>(s, dy, wv, img, i, s.w - 1, dxr + (s.w - 1) * s.c);
+    input_grad_block<F, NC, 1, true>(s, dy, wv, img, i, 0, dxr);
+    input_grad_inner<F, NC, P>(s, dy, wv, img, i, 1, s.w - 1, dxr);
+    input_grad_block<F, NC, 1, true>(s, dy, wv, img, i, s.w - 1, dxr + (s.w - 1) * s.c);
   });
 }
 

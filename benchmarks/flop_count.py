@@ -4,11 +4,10 @@ custom derivatives, remat).
 
 A convolution counts only the products whose input is real: a kernel tap over
 padding, or over the holes of an input dilation (a transposed convolution's gradient
-form), is not a product. That is what XLA's cost analysis counts for a convolution,
-and what the PyTorch peer's cuDNN / oneDNN kernels compute.
+form), is not a product. That is what XLA's cost analysis counts for a convolution.
 
 ``train_step.py`` counts the step traced with the reference forms (plain
-convolutions, transposed up-convolutions; ``model_config``), so that the number is
+convolutions, transposed up-convolutions; ``train_step.model_flops``), so that the number is
 the network's and does not depend on which equivalent form runs: Winograd does
 fewer products, the sub-pixel up-conv more (9 taps of 4F outputs against the
 transposed conv's 16 of F), and the direct CPU kernels are FFI calls that XLA's cost

@@ -285,8 +285,6 @@ def test_model_flops_of_the_step_match_xlas_cost_analysis_of_its_products():
   form the config names): at most XLA's cost analysis of the same lowered step, which
   also counts elementwise work, and within 10% of it; the same count for every
   equivalent conv / up-conv form."""
-  import sys
-  sys.argv = sys.argv[:1]
   from benchmarks import train_step
   from tiny_config import tiny_config
   counts = set()

@@ -180,33 +180,23 @@ def test_direct_conv_is_deterministic():
   """Fixed chunks of rows, partial weight gradients added in chunk order: the same bits
   on every call, whichever thread runs which chunk (output conv, up-conv, and the
   strided conv of a 3-channel image)."""
-  x = jax.random.normal(jax.random.key(0), (4, 64, 64, 16))
-  dy = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
-  w = jax.random.normal(jax.random.key(2), (3, 3, 16, 3))
-  f = jax.jit(lambda x, w, dy: (direct_conv.conv3x3(x, w), direct_conv.conv3x3_input_grad(dy, w),
-                                direct_conv.conv3x3_weight_grad(x, dy, w.shape)))
-  first = f(x, w, dy)
-  for _ in range(3):
-    for a, b in zip(f(x, w, dy), first):
-      np.testing.assert_array_equal(a, b)
-  k = jax.random.normal(jax.random.key(3), (2, 2, 16, 2, 2, 16))
-  dz = jax.random.normal(jax.random.key(4), (4, 128, 128, 16))
-  up = jax.jit(lambda x, k, dz: (direct_conv.up_conv(x, k), direct_conv.up_conv_input_grad(dz, k),
-                                 direct_conv.up_conv_weight_grad(x, dz, k.shape)))
-  first = up(x, k, dz)
-  for _ in range(3):
-    for a, b in zip(up(x, k, dz), first):
-      np.testing.assert_array_equal(a, b)
+  def same_bits_every_call(apply, input_grad, weight_grad, x, w, dy):
+    f = jax.jit(lambda x, w, dy: (apply(x, w), input_grad(dy, w), weight_grad(x, dy, w.shape)))
+    first = f(x, w, dy)
+    for _ in range(3):
+      for a, b in zip(f(x, w, dy), first):
+        np.testing.assert_array_equal(a, b)
+
+  normal = lambda seed, shape: jax.random.normal(jax.random.key(seed), shape)
+  x = normal(0, (4, 64, 64, 16))
+  same_bits_every_call(direct_conv.conv3x3, direct_conv.conv3x3_input_grad, direct_conv.conv3x3_weight_grad,
+                       x, normal(2, (3, 3, 16, 3)), normal(1, (4, 64, 64, 3)))
+  same_bits_every_call(direct_conv.up_conv, direct_conv.up_conv_input_grad, direct_conv.up_conv_weight_grad,
+                       x, normal(3, (2, 2, 16, 2, 2, 16)), normal(4, (4, 128, 128, 16)))
   # the strided conv on a 3-channel image: each thread's buffer of the input gradient
-  xs = jax.random.normal(jax.random.key(5), (4, 96, 64, 3))
-  ws = jax.random.normal(jax.random.key(6), (4, 4, 3, 32))
-  dys = jax.random.normal(jax.random.key(7), (4, 48, 32, 32))
-  s2 = jax.jit(lambda x, w, dy: (direct_conv.strided_conv(x, w), direct_conv.strided_conv_input_grad(dy, w),
-                                 direct_conv.strided_conv_weight_grad(x, dy, w.shape)))
-  first = s2(xs, ws, dys)
-  for _ in range(3):
-    for a, b in zip(s2(xs, ws, dys), first):
-      np.testing.assert_array_equal(a, b)
+  same_bits_every_call(direct_conv.strided_conv, direct_conv.strided_conv_input_grad,
+                       direct_conv.strided_conv_weight_grad,
+                       normal(5, (4, 96, 64, 3)), normal(6, (4, 4, 3, 32)), normal(7, (4, 48, 32, 32)))
 
 
 @needs_kernels

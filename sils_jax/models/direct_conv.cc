@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -104,6 +105,14 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {
   parallel_chunks(pool, (rows + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     for (int64_t r = chunk * kRowsPerChunk; r < std::min(rows, (chunk + 1) * kRowsPerChunk); ++r) body(r);
   });
+}
+
+// Runs block(j, std::integral_constant<int, Q>()) over [j, end): blocks of Q = P pixels,
+// then of P / 2, ..., 1 for the rest.
+template <int P, typename Block>
+inline void in_blocks(int64_t j, int64_t end, const Block& block) {
+  for (; j + P <= end; j += P) block(j, std::integral_constant<int, P>());
+  if constexpr (P > 1) in_blocks<P / 2>(j, end, block);
 }
 
 // out = the sum of `chunks` partials of `size` floats each, added in chunk order.
@@ -196,14 +205,6 @@ inline void input_grad_block(const Shape& s, const float* dy, const v16* wv, int
   }
 }
 
-// Pixels [j, end) of an inner row, whose taps are all inside, in blocks of P, P / 2, ..., 1.
-template <int F, int NC, int P>
-inline void input_grad_inner(const Shape& s, const float* dy, const v16* wv, int64_t img, int64_t i,
-                             int64_t j, int64_t end, float* dxr) {
-  for (; j + P <= end; j += P) input_grad_block<F, NC, P, false>(s, dy, wv, img, i, j, dxr + j * s.c);
-  if constexpr (P > 1) input_grad_inner<F, NC, P / 2>(s, dy, wv, img, i, j, end, dxr);
-}
-
 template <int F, int NC>
 void input_grad(ffi::ThreadPool& pool, const Shape& s, const float* dy, const float* w, float* dx) {
   constexpr int P = 8;
@@ -217,7 +218,9 @@ void input_grad(ffi::ThreadPool& pool, const Shape& s, const float* dy, const fl
       return;
     }
     input_grad_block<F, NC, 1, true>(s, dy, wv, img, i, 0, dxr);
-    input_grad_inner<F, NC, P>(s, dy, wv, img, i, 1, s.w - 1, dxr);
+    in_blocks<P>(1, s.w - 1, [&](int64_t j, auto q) {  // inner pixels: every tap inside
+      input_grad_block<F, NC, decltype(q)::value, false>(s, dy, wv, img, i, j, dxr + j * s.c);
+    });
     input_grad_block<F, NC, 1, true>(s, dy, wv, img, i, s.w - 1, dxr + (s.w - 1) * s.c);
   });
 }
@@ -434,13 +437,6 @@ inline void up_input_grad_block(const UpShape& s, const float* dy, const float* 
   }
 }
 
-template <int NC, int P>
-inline void up_input_grad_inner(const UpShape& s, const float* dy, const float* kt, int64_t img, int64_t i,
-                                int64_t j, int64_t end, float* dx) {
-  for (; j + P <= end; j += P) up_input_grad_block<NC, P, false>(s, dy, kt, img, i, j, dx);
-  if constexpr (P > 1) up_input_grad_inner<NC, P / 2>(s, dy, kt, img, i, j, end, dx);
-}
-
 template <int NC>
 void up_input_grad(ffi::ThreadPool& pool, const UpShape& s, const float* dy, const float* k, float* dx) {
   constexpr int P = NC == 1 ? 16 : NC == 2 ? 8 : NC == 4 ? 4 : 2;
@@ -455,7 +451,9 @@ void up_input_grad(ffi::ThreadPool& pool, const UpShape& s, const float* dy, con
     int64_t img = r / s.h, i = r % s.h;
     // the first and last columns check theirs; those between run unchecked in blocks
     up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, 0, dx);
-    up_input_grad_inner<NC, P>(s, dy, ktp, img, i, 1, s.w - 1, dx);
+    in_blocks<P>(1, s.w - 1, [&](int64_t j, auto q) {
+      up_input_grad_block<NC, decltype(q)::value, false>(s, dy, ktp, img, i, j, dx);
+    });
     if (s.w > 1) up_input_grad_block<NC, 1, true>(s, dy, ktp, img, i, s.w - 1, dx);
   });
 }
@@ -816,23 +814,12 @@ void s2_input_grad_small(ffi::ThreadPool& pool, const S2Shape& s, const float* d
   });
 }
 
-template <int C, int NF> struct SmallDx {
-  template <typename... A> static void run(A&&... a) { s2_input_grad_small<C, NF>(a...); }
-};
-
-// Op<C, NF>::run(args) for C = 1..4 input channels and NF = F / 16 = 1, 2 or 4 (s2_supported).
-template <template <int, int> class Op, int C, typename... Args>
-void small_nf(int64_t nf, Args&&... args) {
-  if (nf == 1) Op<C, 1>::run(args...);
-  else if (nf == 2) Op<C, 2>::run(args...);
-  else Op<C, 4>::run(args...);
-}
-template <template <int, int> class Op, typename... Args>
-void small_channels(int64_t c, int64_t nf, Args&&... args) {
-  if (c == 1) small_nf<Op, 1>(nf, args...);
-  else if (c == 2) small_nf<Op, 2>(nf, args...);
-  else if (c == 3) small_nf<Op, 3>(nf, args...);
-  else small_nf<Op, 4>(nf, args...);
+// s2_input_grad_small<C, NF> for NF = F / 16 = 1, 2 or 4 (s2_supported).
+template <int C>
+void s2_input_grad_small_f(ffi::ThreadPool& pool, const S2Shape& s, const float* dy, const float* w, float* dx) {
+  if (s.f == 16) s2_input_grad_small<C, 1>(pool, s, dy, w, dx);
+  else if (s.f == 32) s2_input_grad_small<C, 2>(pool, s, dy, w, dx);
+  else s2_input_grad_small<C, 4>(pool, s, dy, w, dx);
 }
 
 constexpr int64_t kMaxSmallChannels = 4;
@@ -870,9 +857,11 @@ ffi::Error S2DxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<
   S2Shape s;
   if (auto e = s2_shape(dy, true, w.dimensions(), &s); e.failure()) return e;
   const int64_t cv = s.c / kLanes;
-  if (s.c < kLanes) {
-    small_channels<SmallDx>(s.c, s.f / kLanes, pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
-  } else if (cv % 4 == 0) s2_input_grad<4>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  if (s.c == 1) s2_input_grad_small_f<1>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  else if (s.c == 2) s2_input_grad_small_f<2>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  else if (s.c == 3) s2_input_grad_small_f<3>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  else if (s.c == 4) s2_input_grad_small_f<4>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
+  else if (cv % 4 == 0) s2_input_grad<4>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
   else if (cv % 2 == 0) s2_input_grad<2>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
   else s2_input_grad<1>(pool, s, dy.typed_data(), w.typed_data(), dx->typed_data());
   return ffi::Error::Success();

@@ -28,11 +28,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sils_jax import cpu_memory  # noqa: E402
 
-_SYMBOLS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw",
-            "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw",
-            "s2_fwd": "SilsDirectS2ConvFwd", "s2_dx": "SilsDirectS2ConvDx", "s2_dw": "SilsDirectS2ConvDw"}
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--a", required=True, help="shared library A (the baseline)")
@@ -47,10 +42,11 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
+  from sils_jax.models import direct_conv
+  libs = []  # kept loaded
   for tag, path in (("A", args.a), ("B", args.b)):
-    lib = ctypes.CDLL(os.path.abspath(path))
-    for name, symbol in _SYMBOLS.items():
-      jax.ffi.register_ffi_target(f"ab_{tag}_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    libs.append(ctypes.CDLL(os.path.abspath(path)))
+    direct_conv.register(libs[-1], f"ab_{tag}")
   rng = np.random.default_rng(0)
   rand = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   b = args.batch

@@ -25,6 +25,14 @@ computes something else.
                 then restored (a rule read at trace time, e.g.
                 %sils_jax.models.direct_conv.SMALL_IN_CHANNELS=() takes the first convs
                 out of the direct kernels).
+--kernels=TAG:PATH loads another build of the direct-conv CPU kernels (a shared library
+compiled from some version of sils_jax/models/direct_conv.cc, as in ab_kernel_builds.py)
+under the FFI names TAG_*; a variant with %sils_jax.models.direct_conv.TARGET_PREFIX=TAG
+runs the step on it. So two kernel builds are timed in the whole step, in one process:
+
+  python benchmarks/ab_step.py --batch=8 --image_size=128 --kernels=old:/tmp/old.so \
+      --variant=old:%sils_jax.models.direct_conv.TARGET_PREFIX=old --variant=new:
+
 Values are read as Python literals where they parse (1, 2.5, True, 'x'), true/false
 as booleans, else as strings. The batch is --batch's for every variant (an override of
 per_device_batch_size is replaced by it). Nothing here needs TensorFlow.
@@ -64,6 +72,28 @@ def _define_flags():
   """Defined when run as a script, so that tests can import the helpers below."""
   define_timing_flags()
   flags.DEFINE_multi_string("variant", [], "NAME:ITEM,ITEM,... (see the module doc); at least two.")
+  flags.DEFINE_multi_string("kernels", [], "TAG:PATH: a direct-conv kernel build registered as TAG_* "
+                            "(see the module doc).")
+
+
+def load_kernel_builds(specs: list[str]) -> list:
+  """Registers each 'TAG:PATH' build of the direct-conv kernels under TAG; returns the
+  loaded libraries (keep them). Errors name the flag value and what was expected."""
+  import ctypes
+  from sils_jax.models import direct_conv
+  libs = []
+  for spec in specs:
+    tag, sep, path = spec.partition(":")
+    if not sep or not tag.isidentifier() or not path:
+      raise ValueError(f"--kernels={spec!r}: expected TAG:PATH with TAG an identifier, e.g. old:/tmp/old.so")
+    if tag == direct_conv.OWN_PREFIX:
+      raise ValueError(f"--kernels={spec!r}: TAG {tag!r} is the name of this tree's own build")
+    try:
+      libs.append(ctypes.CDLL(os.path.abspath(path)))
+      direct_conv.register(libs[-1], tag)
+    except (OSError, AttributeError) as e:  # no such file / not a kernel build
+      raise ValueError(f"--kernels={spec!r}: cannot load a direct-conv kernel build from {path}: {e}") from None
+  return libs
 
 
 def _value(text: str):
@@ -223,6 +253,10 @@ def main(argv):
   if FLAGS.rounds < 1 or FLAGS.steps < 1 or FLAGS.warmup < 0:
     raise app.UsageError(f"--rounds and --steps must be >= 1 and --warmup >= 0, got "
                          f"{FLAGS.rounds}, {FLAGS.steps}, {FLAGS.warmup}")
+  try:
+    kernel_libs = load_kernel_builds(FLAGS.kernels)  # noqa: F841 (kept loaded)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   base = FLAGS.config
   if FLAGS.image_size:
     base.image_size = FLAGS.image_size

@@ -113,6 +113,41 @@ def test_ab_step_module_attributes_are_set_for_the_block_then_restored():
     assert direct_conv.SMALL_IN_CHANNELS == before  # the first one set is restored
 
 
+
+def test_ab_step_runs_a_second_kernel_build_under_its_own_prefix(tmp_path):
+  import jax
+  import numpy as np
+  from benchmarks import ab_step
+  from sils_jax.models import direct_conv
+  if not direct_conv.available():
+    pytest.skip(f"direct-conv kernels unavailable: {direct_conv.unavailable_reason()}")
+  libs = ab_step.load_kernel_builds([f"other:{direct_conv._state['path']}"])
+  assert libs
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 3))
+  # a new function per trace, as ab_step's variants each build their own step (one jitted
+  # function would be traced once and keep the first prefix)
+  conv = lambda: jax.jit(lambda x, w: direct_conv.conv3x3(x, w))  # noqa: E731
+  grad = lambda: jax.jit(jax.grad(lambda x, w: direct_conv.conv3x3(x, w).sum(), (0, 1)))  # noqa: E731
+  ref, ref_grads = conv()(x, w), grad()(x, w)
+  attr = "sils_jax.models.direct_conv.TARGET_PREFIX"
+  with ab_step.module_attributes({attr: "other"}):  # read when traced
+    np.testing.assert_array_equal(conv()(x, w), ref)
+    for g, r in zip(grad()(x, w), ref_grads):
+      np.testing.assert_array_equal(g, r)
+  with ab_step.module_attributes({attr: "never_registered"}):  # the prefix is what is called
+    with pytest.raises(Exception, match="never_registered_fwd"):
+      conv()(x, w)
+    with pytest.raises(Exception, match="never_registered_d"):
+      grad()(x, w)
+  not_a_build = tmp_path / "x.so"
+  not_a_build.write_text("")
+  for spec, msg in (("no_colon", "expected TAG:PATH"), ("1bad:/x.so", "expected TAG:PATH"),
+                    ("sils_direct_conv:/x.so", "this tree's own build"),
+                    (f"t:{tmp_path / 'missing.so'}", "cannot load"), (f"t:{not_a_build}", "cannot load")):
+    with pytest.raises(ValueError, match=msg):
+      ab_step.load_kernel_builds([spec])
+
 def test_ab_step_overrides_a_copy_and_rejects_unknown_fields():
   import ml_collections
   from benchmarks import ab_step

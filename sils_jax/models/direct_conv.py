@@ -52,6 +52,11 @@ CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw",
             "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw",
             "s2_fwd": "SilsDirectS2ConvFwd", "s2_dx": "SilsDirectS2ConvDx", "s2_dw": "SilsDirectS2ConvDw"}
+# FFI target names are TARGET_PREFIX + "_" + a key of _TARGETS. The build made here is
+# registered as "sils_direct_conv"; benchmarks/ab_step.py --kernels registers another
+# build under its own prefix, and a variant that sets this (read at trace time) runs it.
+OWN_PREFIX = "sils_direct_conv"
+TARGET_PREFIX = OWN_PREFIX
 LANES = 16  # input channels per vector in the kernels
 MAX_FEATURES = 3
 # the up-conv kernels' templates (direct_conv.cc); with 256 -> 128 / 64 channels (the
@@ -151,14 +156,19 @@ def available() -> bool:
         try:
           path = _build()
           lib = ctypes.CDLL(path)
-          for name, symbol in _TARGETS.items():
-            jax.ffi.register_ffi_target(f"sils_direct_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
-                                        platform="cpu")
+          register(lib, OWN_PREFIX)
           _state.update(ok=True, reason="", path=path, lib=lib)
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
           _state.update(ok=False, reason=str(e))
           logging.warning("Direct-conv CPU kernels unavailable, using XLA's forms instead: %s", e)
     return _state["ok"]
+
+
+def register(lib: ctypes.CDLL, prefix: str) -> None:
+  """Registers a loaded build's FFI handlers as ``prefix + "_" + name`` for every
+  kernel name (the handlers' symbols: ``_TARGETS``)."""
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f"{prefix}_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
 def unavailable_reason() -> str:
@@ -170,7 +180,7 @@ def _call(name: str, shape, *args) -> jax.Array:
   if not available():
     raise RuntimeError(f"the direct-conv CPU kernels are unavailable: {unavailable_reason()}")
   # vmap: one call per mapped element (the kernels take one batch of NHWC images)
-  return jax.ffi.ffi_call(f"sils_direct_conv_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
+  return jax.ffi.ffi_call(f"{TARGET_PREFIX}_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(*args)
 
 

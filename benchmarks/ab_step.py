@@ -257,6 +257,13 @@ def main(argv):
     kernel_libs = load_kernel_builds(FLAGS.kernels)  # noqa: F841 (kept loaded)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  from sils_jax.models import direct_conv
+  builds = {direct_conv.OWN_PREFIX} | {k.partition(":")[0] for k in FLAGS.kernels}
+  for name, _, _, attrs in specs:
+    prefix = attrs.get("sils_jax.models.direct_conv.TARGET_PREFIX", direct_conv.OWN_PREFIX)
+    if prefix not in builds:
+      raise app.UsageError(f"--variant={name}: TARGET_PREFIX={prefix!r} is no loaded kernel build "
+                           f"(loaded: {sorted(builds)}); add --kernels={prefix}:PATH")
   base = FLAGS.config
   if FLAGS.image_size:
     base.image_size = FLAGS.image_size

@@ -61,8 +61,8 @@ torch 2.11.0+cu130 on an NVIDIA H200 machine with 16 CPU cores; 2026-11):
     were not faster than eager (142 against ~120 ms, noisy). On the AVX-512 cores of
     2026-12-07 (128x128, alternated with eager in one run,
     results/cpu_torch_compile_2026-12-07.jsonl) compiled steps were slower than eager:
-    531 / 565 against 438 / 462 ms at batch 8, 128 / 110 against 116 / 99 ms at batch 1. On the H200 (128x128,
-    batch 8) compiling took ~61-66 s and gave 36.9 ms per step in NCHW (43.4 ms in
+    531 / 565 against 438 / 462 ms at batch 8, 128 / 110 against 116 / 99 ms at
+    batch 1. On the H200 (128x128, batch 8) compiling took ~61-66 s and gave 36.9 ms per step in NCHW (43.4 ms in
     channels_last) against 39.7 ms eager: at this size the step is bound by kernel
     launches, not by FLOPs (another H200 run gave 32.5 ms eager; compare only numbers
     from one machine and one run).

@@ -76,12 +76,13 @@ def _define_flags():
                             "(see the module doc).")
 
 
-def load_kernel_builds(specs: list[str]) -> list:
-  """Registers each 'TAG:PATH' build of the direct-conv kernels under TAG; returns the
-  loaded libraries (keep them). Errors name the flag value and what was expected."""
+def load_kernel_builds(specs: list[str]) -> dict:
+  """Registers each 'TAG:PATH' build of the direct-conv kernels under TAG; returns
+  {TAG: loaded library} (keep them loaded). Errors name the flag value and what was
+  expected."""
   import ctypes
   from sils_jax.models import direct_conv
-  libs = []
+  libs = {}
   for spec in specs:
     tag, sep, path = spec.partition(":")
     if not sep or not tag.isidentifier() or not path:
@@ -89,8 +90,8 @@ def load_kernel_builds(specs: list[str]) -> list:
     if tag == direct_conv.OWN_PREFIX:
       raise ValueError(f"--kernels={spec!r}: TAG {tag!r} is the name of this tree's own build")
     try:
-      libs.append(ctypes.CDLL(os.path.abspath(path)))
-      direct_conv.register(libs[-1], tag)
+      libs[tag] = ctypes.CDLL(os.path.abspath(path))
+      direct_conv.register(libs[tag], tag)
     except (OSError, AttributeError) as e:  # no such file / not a kernel build
       raise ValueError(f"--kernels={spec!r}: cannot load a direct-conv kernel build from {path}: {e}") from None
   return libs
@@ -254,16 +255,11 @@ def main(argv):
     raise app.UsageError(f"--rounds and --steps must be >= 1 and --warmup >= 0, got "
                          f"{FLAGS.rounds}, {FLAGS.steps}, {FLAGS.warmup}")
   try:
-    kernel_libs = load_kernel_builds(FLAGS.kernels)  # noqa: F841 (kept loaded)
+    kernel_libs = load_kernel_builds(FLAGS.kernels)  # kept loaded while the variants run
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   from sils_jax.models import direct_conv
-  builds = {direct_conv.OWN_PREFIX} | {k.partition(":")[0] for k in FLAGS.kernels}
-  for name, _, _, attrs in specs:
-    prefix = attrs.get("sils_jax.models.direct_conv.TARGET_PREFIX", direct_conv.OWN_PREFIX)
-    if prefix not in builds:
-      raise app.UsageError(f"--variant={name}: TARGET_PREFIX={prefix!r} is no loaded kernel build "
-                           f"(loaded: {sorted(builds)}); add --kernels={prefix}:PATH")
+  builds = sorted({direct_conv.OWN_PREFIX, *kernel_libs})
   base = FLAGS.config
   if FLAGS.image_size:
     base.image_size = FLAGS.image_size
@@ -275,6 +271,10 @@ def main(argv):
         pass
     except (KeyError, TypeError, ValueError) as e:  # unknown field or attribute; a wrong type
       raise app.UsageError(f"--variant={name}: {e.args[0]}") from None
+    prefix = attrs.get("sils_jax.models.direct_conv.TARGET_PREFIX", direct_conv.OWN_PREFIX)
+    if prefix not in builds:
+      raise app.UsageError(f"--variant={name}: TARGET_PREFIX={prefix!r} is no loaded kernel build "
+                           f"(loaded: {builds}); add --kernels={prefix}:PATH")
   states = {}
   for name, _, options, attrs in specs:
     config = configs[name]

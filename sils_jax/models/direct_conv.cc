@@ -790,9 +790,7 @@ void s2_input_grad_small(ffi::ThreadPool& pool, const S2Shape& s, const float* d
     for (int64_t oi = t0; oi < t1; ++oi) {
       float* trow = tp + (oi - t0) * 8 * half_row;
       const float* dyrow = dy + (img * ho + oi) * wo * F;
-      int64_t oj = 0;
-      for (; oj + P <= wo; oj += P) block(trow, dyrow, oj, std::integral_constant<int, P>());
-      for (; oj < wo; ++oj) block(trow, dyrow, oj, std::integral_constant<int, 1>());
+      in_blocks<P>(0, wo, [&](int64_t oj, auto q) { block(trow, dyrow, oj, q); });
     }
     for (int64_t i = 2 * o0; i < 2 * o1; ++i) {
       const int64_t ri = i % 2;

@@ -97,9 +97,10 @@ _STRIDED_CASES = [((2, 8, 8, 16), 16), ((1, 6, 10, 32), 32), ((2, 4, 4, 64), 64)
                   ((1, 12, 4, 64), 48), ((1, 4, 4, 128), 16), ((1, 2, 4, 16), 256)]
 # the first convs, on 1-4 channel images (s2_input_grad_small: chunks of 16 output rows
 # with a halo row each side, so 70 rows are three chunks; one-pixel-wide outputs; the
-# weight gradient's partial channel block)
+# weight gradient's partial channel block; outputs 19 and 15 pixels wide: full blocks of
+# 8 (6 for 4 channels) pixels, then the smaller ones)
 _STRIDED_SMALL_CASES = [((2, 8, 8, 3), 16), ((1, 70, 12, 3), 32), ((2, 6, 2, 1), 64), ((1, 34, 10, 2), 16),
-                        ((1, 4, 6, 4), 32), ((3, 2, 2, 3), 16)]
+                        ((1, 4, 6, 4), 32), ((3, 2, 2, 3), 16), ((1, 4, 38, 3), 16), ((1, 4, 30, 4), 32)]
 
 
 @needs_kernels

@@ -1,25 +1,24 @@
 #!/bin/bash
 # One session on a lent GPU machine (jax, flax, optax, orbax, chex and torch there;
 # no TensorFlow, no network). Run from the repo root, with the wheels of clu,
-# ml-collections and dm-pix in .whl/ (see the device notes in benchmarks/README.md):
+# ml-collections and dm-pix in .whl/ (benchmarks/README.md, "GPU"):
 #
 #   bash benchmarks/device_run.sh [END_TRAIN_S [BENCH_S]]
 #
 # 1. GPU benchmarks of the training step at batch 64, 128x128, time-boxed to BENCH_S:
-#    JAX float32 against the PyTorch peer (eager), JAX with conv_impl=xla_pad (input
-#    channels padded for cuDNN's tensor-core kernels), then the same in bfloat16
-#    against torch autocast(bfloat16); last, if the time box allows, the layer streams
-#    as one vmapped computation against separate ones (streams_vmap.py, its own file).
-#    The float32 runs also trace 3 steps with jax.profiler and list the kernels that
-#    take the time ('top_ops'). (The second session measured the up-conv forms:
-#    benchmarks/README.md.)
+#    JAX float32 against the PyTorch peer (eager), JAX with the input channels padded
+#    for cuDNN's tensor-core kernels (`train_step.py --conv=xla_pad`; this variant was
+#    `--config.conv_impl=xla_pad` before the config's conv_impl field was replaced by
+#    cpu_kernels='auto'|'off'), then the same in bfloat16 against torch
+#    autocast(bfloat16). The float32 runs also trace 3 steps with jax.profiler and list
+#    the kernels that take the time ('top_ops'). (The second session measured the
+#    up-conv forms: benchmarks/README.md.)
 # 2. The synthetic experiments of RESULTS.md at the paper's 128x128, trained side by
 #    side on the one GPU until END_TRAIN_S seconds after the start, stopped with SIGTERM
 #    (the loop saves a checkpoint and exits), then each evaluated on the 1000 test
-#    triplets. Run directories are named as reproduce_synthetic names them, so
-#    `python -m benchmarks.reproduce_synthetic --workdir=DIR --summary` tabulates them.
-# Everything lands in $OUT (or /tmp/device_out): bench.jsonl, streams_vmap.jsonl, runs.tgz,
-# log.txt.
+#    triplets. Run directories are named as sils_jax.reproduce names them, so
+#    `python -m sils_jax.reproduce --workdir=DIR --summary` tabulates them.
+# Everything lands in $OUT (or /tmp/device_out): bench.jsonl, runs.tgz, log.txt.
 # Budget: END_TRAIN_S + ~90 s (evaluation, archive); run it with timeout_s >=
 # END_TRAIN_S + 110.
 #
@@ -30,7 +29,8 @@
 # until the limit (found with SMOKE=1 and fixed: `wait $PIDS`). The second lent session
 # ran `device_run.sh 450 180` under a 600 s limit: everything done in 471 s
 # (results/h200_2026-11-27b.jsonl, results/h200_synthetic128_2026-11-27.json); the
-# benchmark list was then changed to the one above (xla_pad instead of the up-conv forms).
+# benchmark list was then changed to the one above (xla_pad instead of the up-conv forms;
+# the vmapped layer streams, benchmarks/streams_vmap.py, were dropped with that script).
 set -u
 T0=$(date +%s)
 END_TRAIN=${1:-470}  # seconds after start at which training is stopped
@@ -67,11 +67,10 @@ T="python3 benchmarks/torch_reference.py --device=$DEV --image_size=$SIZE --batc
 timeout $BENCH_S bash -c "
 $J --profile_steps=3 >> $B || echo 'jax fp32 failed';
 $T >> $B || echo 'torch eager fp32 failed';
-$J --config.conv_impl=xla_pad --name=synthetic_xla_pad --profile_steps=3 >> $B || echo 'jax xla_pad fp32 failed';
+$J --conv=xla_pad --name=synthetic_xla_pad --profile_steps=3 >> $B || echo 'jax xla_pad fp32 failed';
 $J --dtype=bfloat16 >> $B || echo 'jax bf16 failed';
 $T --autocast=bf16 >> $B || echo 'torch autocast bf16 failed';
-$J --config.conv_impl=xla_pad --dtype=bfloat16 --name=synthetic_xla_pad >> $B || echo 'jax xla_pad bf16 failed';
-python3 benchmarks/streams_vmap.py --batch=$BATCH --image_size=$SIZE --rounds=3 --steps=5 >> $OUT/streams_vmap.jsonl || echo 'streams_vmap failed'
+$J --conv=xla_pad --dtype=bfloat16 --name=synthetic_xla_pad >> $B || echo 'jax xla_pad bf16 failed'
 " || echo "benchmarks stopped at the time box ($BENCH_S s)"
 echo "benchmarks done at $(elapsed) s"
 python3 benchmarks/compare.py --from_file=$B
@@ -129,6 +128,6 @@ for d in $R/*/; do
   echo "== $d"; grep -h "steps/s" $d/train.log | tail -1; grep -h "eval step" $d/train.log | cut -c50- | tail -8
   python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('test (all):', m['step'], {k: round(v['mse100'], 4) for k, v in m['layers'].items()})" $d/eval/metrics.json 2>/dev/null
 done
-python3 -m benchmarks.reproduce_synthetic --workdir=$R --summary || true
+python3 -m sils_jax.reproduce --workdir=$R --summary || true
 tar czf "$OUT/runs.tgz" --exclude=checkpoints -C /tmp runs
 echo "all done at $(elapsed) s"

@@ -6,12 +6,13 @@ A convolution counts only the products whose input is real: a kernel tap over
 padding, or over the holes of an input dilation (a transposed convolution's gradient
 form), is not a product. That is what XLA's cost analysis counts for a convolution.
 
-``train_step.py`` counts the step traced with the reference forms (plain
-convolutions, transposed up-convolutions; ``train_step.model_flops``), so that the number is
-the network's and does not depend on which equivalent form runs: Winograd does
-fewer products, the sub-pixel up-conv more (9 taps of 4F outputs against the
-transposed conv's 16 of F), and the direct CPU kernels are FFI calls that XLA's cost
-analysis does not see into. Elementwise work is not counted.
+``train_step.py`` counts the step traced with the reference forms, flax's
+``nn.Conv`` and ``nn.ConvTranspose`` (``config.cpu_kernels='off'``;
+``train_step.model_flops``), so that the number is the network's and does not depend
+on which equivalent form runs: Winograd (``sils_jax/cpu_kernels``) does fewer products,
+``train_step.py --conv=xla_pad``'s zero-padded input channels more, and the direct CPU
+kernels are FFI calls that XLA's cost analysis does not see into. Elementwise work is
+not counted.
 
 A library, no command line:
 

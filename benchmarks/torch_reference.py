@@ -2,12 +2,14 @@
 
   python benchmarks/torch_reference.py --image_size=128 --batch=8 --steps=20 --warmup=3 \
       [--compile] [--layers=2] [--device=cpu|cuda] [--threads=N] [--channels_last=auto|on|off]
-  python benchmarks/torch_reference.py --check      # same losses as sils_jax on the same weights
+  python benchmarks/torch_reference.py --check [--cpu_kernels=off|auto]   # same losses as sils_jax
 
 Benchmark mode prints one JSON object per line (keys: framework, torch_version, mode,
 device, config, batch, image_size, num_layers, steps, img_per_s, ms_per_step,
 ms_per_step_p10, ms_per_step_p90, compile_s, peak_mem_bytes, ...). ``--check`` builds
-our JAX G and D (``sils_jax.training.state.create_states``), copies their parameters
+our JAX G and D (``sils_jax.training.state.create_states``; by default with flax's
+``nn.Conv`` / ``nn.ConvTranspose``, ``config.cpu_kernels='off'``, or with the CPU forms
+that training runs on a CPU, ``--cpu_kernels=auto``), copies their parameters
 into the torch modules, and prints the largest differences between the torch losses and
 gradient norms and those of ``sils_jax.training.step.generator_loss`` /
 ``discriminator_loss``, before and after one Adam step of both.
@@ -21,14 +23,11 @@ What is mirrored (file by file):
     mapped to [-1, 1]; G = 4x4 stride-2 up-convs (128, 64, 32, 16, 16), each but the
     first after concatenating the encoder feature of the same resolution, BN + leaky
     ReLU, then a 3x3 conv to 3 channels with bias and no output activation.
-  * ``sils_jax/models/upsample.py``: the JAX 'subpixel' up-conv is the same operator as
-    flax ``ConvTranspose(F, (4, 4), (2, 2), 'SAME')``, which is torch
-    ``ConvTranspose2d(k=4, s=2, p=1)`` with the kernel flipped in space and its in/out
-    axes swapped (``--check`` verifies this numerically). ``--upsample=transpose`` (the
-    default) uses that idiomatic torch op, which does only the useful multiply-adds;
-    ``--upsample=subpixel`` mirrors our JAX default exactly (a 3x3 conv to 4F channels
-    whose unused taps are zeros, then ``pixel_shuffle``), i.e. the same FLOPs as the
-    JAX step: 9/4 of the transposed conv's in every up-conv.
+  * the up-convs: flax ``ConvTranspose(F, (4, 4), (2, 2), 'SAME')`` (the models' default;
+    ``sils_jax/cpu_kernels/upconv.py``'s phase form on the CPU computes the same with the
+    same (4, 4, Cin, F) kernel and FLOPs) is torch ``ConvTranspose2d(k=4, s=2, p=1)``
+    with the kernel flipped in space and its in/out axes swapped (``--check`` verifies
+    this numerically).
   * ``sils_jax/models/discriminator.py``: one D per layer; per branch four 4x4 stride-2
     convs (32, 64, 128, 32) with bias and leaky ReLU, a 1x1 conv to one logit channel;
     UNIT's AvgPool(3, 2, 1, count_include_pad=False) between branches.
@@ -66,10 +65,11 @@ torch 2.11.0+cu130 on an NVIDIA H200 machine with 16 CPU cores; 2026-11):
     channels_last) against 39.7 ms eager: at this size the step is bound by kernel
     launches, not by FLOPs (another H200 run gave 32.5 ms eager; compare only numbers
     from one machine and one run).
-  * ``--upsample=subpixel`` (the JAX form, 9/4 of the up-convs' FLOPs) is much slower in
-    torch: 632 against 260 ms per step on 2 CPU cores (64x64, batch 8) and 51.3 against
-    32.5 ms on the H200 (128x128, batch 8). torch's ConvTranspose2d has no slow weight
-    gradient to avoid, so ``transpose`` is the fair idiomatic peer.
+  * the up-conv as a sub-pixel 3x3 conv to 4F channels + ``pixel_shuffle`` (a form the
+    JAX side had then, 9/4 of the up-convs' FLOPs; since removed from both) was much
+    slower in torch: 632 against 260 ms per step on 2 CPU cores (64x64, batch 8) and
+    51.3 against 32.5 ms on the H200 (128x128, batch 8). torch's ConvTranspose2d has no
+    slow weight gradient to avoid, so it is the fair idiomatic peer.
 """
 
 from __future__ import annotations
@@ -113,26 +113,24 @@ class HParams:
   w1: float = 1.0
   w2: float = 1.0
   ss_levels: tuple[int, ...] = (4,)  # SS on the latent code (last encoder level), 'elementwise'
-  upsample: str = "transpose"  # torch's ConvTranspose2d, or 'subpixel' (our JAX default; same maths)
   gp_weight: float = 1.0
   learning_rate: float = 1e-4
   b1: float = 0.0
   b2: float = 0.9
 
   @classmethod
-  def synthetic(cls, num_layers: int, image_size: int, upsample: str = "transpose") -> "HParams":
+  def synthetic(cls, num_layers: int, image_size: int) -> "HParams":
     """The synthetic config with ``num_layers`` layers (per-layer weights repeated)."""
     return cls(num_layers=num_layers, image_size=image_size, lambda_intra=(0.5,) * num_layers,
-               lambda_cycle_layers=(10.0,) * num_layers, upsample=upsample)
+               lambda_cycle_layers=(10.0,) * num_layers)
 
   @classmethod
   def from_jax_config(cls, c) -> "HParams":
     """From a sils_jax ml_collections config (``--check``); only what this peer supports."""
-    unsupported = {"norm": (c.norm, "batch"), "upsample": (c.upsample, ("auto", "subpixel", "phases", "transpose")),
+    unsupported = {"norm": (c.norm, "batch"), "generator": (c.generator, "unet"),
                    "output_activation": (c.output_activation, "none"), "gan_loss": (c.gan_loss, "nsgan"),
                    "ss_mode": (c.ss_mode, "elementwise"), "lr_schedule": (c.lr_schedule, "constant"),
-                   "compute_dtype": (c.get("compute_dtype", "float32"), "float32"),
-                   "objective": (c.get("objective", "unsupervised"), "unsupervised")}
+                   "compute_dtype": (c.compute_dtype, "float32"), "objective": (c.objective, "unsupervised")}
     for name, (value, ok) in unsupported.items():
       if value not in (ok if isinstance(ok, tuple) else (ok,)):
         raise ValueError(f"the torch peer supports config.{name} = {ok!r} only, got {value!r}")
@@ -185,57 +183,26 @@ class Encoder(nn.Module):
     return feats
 
 
-# upsample.py _TAP in torch's ConvTranspose2d(k=4, s=2, p=1) terms: output o = 2m + p
-# receives x[m + d] * w[p + 1 - 2d] for input offset d in {-1, 0, 1}. Index 4 points to
-# an appended zero tap. Rows: d + 1; columns: phase p.
-_TAP = torch.tensor([[3, 4], [1, 2], [4, 0]])
-
-
-class SubpixelConvTranspose2d(nn.Module):
-  """upsample.py SubpixelConvTranspose in torch: ``ConvTranspose2d(cin, f, 4, 2, 1,
-  bias=False)`` computed as a 3x3 conv to 4f channels (zero taps included) followed by
-  ``pixel_shuffle``. The weight keeps ConvTranspose2d's layout (cin, f, 4, 4) and is
-  mapped every call, as the JAX module maps its kernel."""
-
-  def __init__(self, cin: int, features: int):
-    super().__init__()
-    self.weight = nn.Parameter(torch.empty(cin, features, 4, 4))
-    self.register_buffer("tap", _TAP.clone(), persistent=False)  # moves with .to(device)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    cin, feat = self.weight.shape[:2]
-    padded = F.pad(self.weight, (0, 1, 0, 1))  # (cin, f, 5, 5): index 4 is zero
-    taps = padded[:, :, self.tap][..., self.tap]  # (cin, f, 3 dy, 2 py, 3 dx, 2 px)
-    # pixel_shuffle reads channel f * 4 + py * 2 + px as phase (py, px) of feature f
-    kernel = taps.permute(1, 3, 5, 0, 2, 4).reshape(4 * feat, cin, 3, 3)
-    return F.pixel_shuffle(F.conv2d(x, kernel, padding=1), 2)
-
-
-def upsample_conv(cin: int, features: int, impl: str) -> nn.Module:
-  """upsample.py upsample_conv: a 4x4 stride-2 up-conv without bias (BN follows).
+def upsample_conv(cin: int, features: int) -> nn.ConvTranspose2d:
+  """unet.py's up-conv: a 4x4 stride-2 transposed conv without bias (BN follows).
 
   flax ConvTranspose(F, (4, 4), (2, 2), 'SAME') == ConvTranspose2d(k=4, s=2, p=1): both
   map HxW to 2Hx2W, padding the stride-dilated input by 2 on each side.
   """
-  if impl == "transpose":
-    return nn.ConvTranspose2d(cin, features, 4, stride=2, padding=1, bias=False)
-  if impl == "subpixel":
-    return SubpixelConvTranspose2d(cin, features)
-  raise ValueError(f"upsample must be 'transpose' or 'subpixel', got {impl!r}")
+  return nn.ConvTranspose2d(cin, features, 4, stride=2, padding=1, bias=False)
 
 
 class Decoder(nn.Module):
   """unet.py Decoder: up-convs with U-Net mirror links, then a 3x3 conv to 3 channels."""
 
-  def __init__(self, encoder_features: Sequence[int], features: Sequence[int],
-               upsample: str = "transpose"):
+  def __init__(self, encoder_features: Sequence[int], features: Sequence[int]):
     super().__init__()
     if len(encoder_features) != len(features):
       raise ValueError(f"Decoder has {len(features)} levels but the encoder {len(encoder_features)}")
     enc = list(encoder_features)
     # up-conv i sees the previous up-conv's output concatenated with encoder level -1-i
     cins = [enc[-1]] + [features[i - 1] + enc[-1 - i] for i in range(1, len(features))]
-    self.ups = nn.ModuleList(upsample_conv(c, f, upsample) for c, f in zip(cins, features))
+    self.ups = nn.ModuleList(upsample_conv(c, f) for c, f in zip(cins, features))
     self.norms = nn.ModuleList(batch_norm(f) for f in features)
     self.out = nn.Conv2d(features[-1], 3, 3, padding=1, bias=True)
     for up, cin in zip(self.ups, cins):
@@ -258,7 +225,7 @@ class LayerSeparator(nn.Module):
   def __init__(self, hp: HParams):
     super().__init__()
     self.encoders = nn.ModuleList(Encoder(hp.encoder_features) for _ in range(hp.num_layers))
-    self.decoders = nn.ModuleList(Decoder(hp.encoder_features, hp.decoder_features, hp.upsample)
+    self.decoders = nn.ModuleList(Decoder(hp.encoder_features, hp.decoder_features)
                                   for _ in range(hp.num_layers))
 
   def separate(self, x: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
@@ -509,7 +476,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def benchmark(args) -> dict:
   device = torch.device(args.device)
-  hp = HParams.synthetic(args.layers, args.image_size, args.upsample)
+  hp = HParams.synthetic(args.layers, args.image_size)
   channels_last = {"auto": CHANNELS_LAST_AUTO[device.type], "on": True, "off": False}[args.channels_last]
   torch.manual_seed(0)
   trainer = Trainer(hp, device, channels_last=channels_last, compile=args.compile, autocast=args.autocast)
@@ -534,7 +501,7 @@ def benchmark(args) -> dict:
       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
       "config": "synthetic", "batch": args.batch, "image_size": args.image_size,
       "num_layers": args.layers, "steps": args.steps, "warmup": args.warmup,
-      "threads": torch.get_num_threads(), "channels_last": channels_last, "upsample": hp.upsample,
+      "threads": torch.get_num_threads(), "channels_last": channels_last,
       "dtype": "bfloat16" if args.autocast == "bf16" else "float32",
       "img_per_s": args.batch / (median / 1e3),
       "ms_per_step": median,
@@ -567,8 +534,8 @@ def conv_transpose_weight(kernel) -> torch.Tensor:
   flax (``transpose_kernel=False``) convolves the stride-dilated input with the kernel
   as it is; torch's ConvTranspose2d is the gradient of a conv, i.e. it convolves the
   dilated input with the kernel flipped in space, and stores it (Cin, Cout, kh, kw). So
-  flip both spatial axes and move (Cin, F) to the front. The JAX 'subpixel' form reads
-  the same (4, 4, Cin, F) kernel (upsample.py).
+  flip both spatial axes and move (Cin, F) to the front. The CPU phase form
+  (sils_jax/cpu_kernels/upconv.py) reads the same (4, 4, Cin, F) kernel.
   """
   return _t(kernel).flip(0, 1).permute(2, 3, 0, 1).contiguous()
 
@@ -600,30 +567,36 @@ def load_jax_params(trainer: Trainer, g_params, d_params) -> None:
 
 def check_upconv(seed: int = 0) -> float:
   """The weight mapping, checked alone on random weights: the max difference between
-  flax ConvTranspose(4, 2, SAME), our JAX sub-pixel form, torch ConvTranspose2d(4, 2, 1)
-  and this file's SubpixelConvTranspose2d."""
+  flax ConvTranspose(4, 2, SAME), torch ConvTranspose2d(4, 2, 1) on the mapped weight
+  and, where the plug-in package is installed, the CPU phase form of
+  sils_jax/cpu_kernels/upconv.py on the same parameters."""
   import jax
   import flax.linen as fnn
-  from sils_jax.models.upsample import SubpixelConvTranspose
   x = jax.random.uniform(jax.random.key(seed), (2, 5, 6, 7))
   ref = fnn.ConvTranspose(3, (4, 4), strides=(2, 2), padding="SAME", use_bias=False)
   params = ref.init(jax.random.key(seed + 1), x)
   want = np.asarray(ref.apply(params, x))
-  sub = np.asarray(SubpixelConvTranspose(3, use_bias=False).apply(params, x))
-  diffs = [np.abs(sub - want).max()]
-  for impl in ("transpose", "subpixel"):
-    conv = upsample_conv(7, 3, impl)
-    with torch.no_grad():
-      conv.weight.copy_(conv_transpose_weight(params["params"]["kernel"]))
-      got = conv(_t(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    diffs.append(np.abs(got - want).max())
+  conv = upsample_conv(7, 3)
+  with torch.no_grad():
+    conv.weight.copy_(conv_transpose_weight(params["params"]["kernel"]))
+    got = conv(_t(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+  diffs = [np.abs(got - want).max()]
+  try:
+    from sils_jax.cpu_kernels import ConvTranspose
+  except ImportError:
+    pass
+  else:
+    phases = ConvTranspose(3, (4, 4), strides=(2, 2), padding="SAME", use_bias=False)
+    diffs.append(np.abs(np.asarray(phases.apply(params, x)) - want).max())
   return float(max(diffs))
 
 
 def check_against_jax(image_size: int = 32, batch: int = 4, num_layers: int = 2,
-                      upsample: str = "transpose") -> dict:
+                      cpu_kernels: str = "off") -> dict:
   """Same weights, same batch: torch vs sils_jax losses and gradient norms, before and
-  after one Adam step of G and D. Uses the synthetic 'quick' config at ``image_size``."""
+  after one Adam step of G and D. Uses the synthetic 'quick' config at ``image_size``,
+  with ``config.cpu_kernels=cpu_kernels`` ('off': flax's nn.Conv / nn.ConvTranspose;
+  'auto': on the CPU the sils_jax/cpu_kernels forms, same parameters)."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   import jax
   import jax.numpy as jnp
@@ -633,7 +606,8 @@ def check_against_jax(image_size: int = 32, batch: int = 4, num_layers: int = 2,
 
   config = get_config("three_layers_quick" if num_layers == 3 else "quick")
   config.image_size = image_size
-  hp = dataclasses.replace(HParams.from_jax_config(config), upsample=upsample)
+  config.cpu_kernels = cpu_kernels
+  hp = HParams.from_jax_config(config)
   cfg = jstep.LossConfig.from_config(config)
   g_state, d_state = jstate.create_states(config, jstate.init_key(0))
   # create_states' apply_fn normalises over the pmap axis 'batch': outside pmap use a
@@ -663,7 +637,7 @@ def check_against_jax(image_size: int = 32, batch: int = 4, num_layers: int = 2,
   with torch.no_grad():
     _, torch_preds = trainer.gen.separate(data["x"])
   report = {"check": "torch_vs_jax", "image_size": image_size, "batch": batch, "num_layers": num_layers,
-            "jax_upsample": config.upsample, "torch_upsample": upsample,
+            "jax_cpu_kernels": config.cpu_kernels, "jax_backend": jax.default_backend(),
             "upconv_max_abs_diff": check_upconv()}
   for step in (1, 2):  # step 2 runs after one Adam update of both
     g_state, d_state, jm, jpreds = jax_step(g_state, d_state, jbatch)
@@ -698,17 +672,18 @@ def main(argv=None) -> None:
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
   p.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
                  help="memory format of activations and weights (auto: the faster one measured)")
-  p.add_argument("--upsample", choices=("transpose", "subpixel"), default="transpose",
-                 help="up-conv form: torch's ConvTranspose2d, or our JAX default's sub-pixel conv")
   p.add_argument("--autocast", choices=("off", "bf16"), default="off",
                  help="bf16: the forward passes under torch.autocast(bfloat16) (mixed precision)")
   p.add_argument("--check", action="store_true", help="compare losses with sils_jax on the same weights")
+  p.add_argument("--cpu_kernels", choices=("off", "auto"), default="off",
+                 help="--check: the JAX model's config.cpu_kernels (off: flax's conv layers; auto: on a CPU, "
+                      "the sils_jax/cpu_kernels forms training runs)")
   args = p.parse_args(argv)
   if args.threads > 0:
     torch.set_num_threads(args.threads)
 
   if args.check:
-    out = check_against_jax(args.image_size or 32, args.batch or 4, args.layers, args.upsample)
+    out = check_against_jax(args.image_size or 32, args.batch or 4, args.layers, args.cpu_kernels)
     print(json.dumps(out))
     return
 

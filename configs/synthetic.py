@@ -1,154 +1,37 @@
 """The paper's synthetic experiment (Sec. 5.2): squares vs circles, 128x128, unpaired.
 
+Every field and its default (the paper's settings): sils_jax/default_config.py.
+
 Variants (``--config=configs/synthetic.py:VARIANT``):
   (none)        the paper's settings, two layers (square, circle).
-  quick         a few-minute CPU run at 64x64 that shows the test MSE falling.
+  quick         a few-minute CPU run at 64x64.
   three_layers  Sec. 5.4: square, circle, triangle, 5000 images.
   three_layers_quick  the quick run with three layers.
 """
 
 import ml_collections
 
+from sils_jax.default_config import get_config as default_config
+
+VARIANTS = ("", "quick", "three_layers", "three_layers_quick")
+
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  # --- data -----------------------------------------------------------------
-  c.dataset = "synthetic"
-  c.image_size = 128  # paper Sec. 5.1: 128x128
-  c.layer_names = ("square", "circle")  # one name per layer; outputs and metrics use them
-  c.shapes = ("square", "circle")  # synthetic shape kind of each layer (square/circle/triangle)
-  c.num_train = 4000  # paper: 4000 training images (unpaired: x, y, z drawn independently)
-  c.num_test = 1000  # paper: 1000 test images (ground-truth triplets)
-  c.blend_mode = "additive"  # x = y ⊕ z of eq. (1): 'additive' (reflection, toy) or 'multiplicative' (intrinsic)
-  # Prepared datasets (sils_jax/data/builders.py; dataset 'mit_intrinsic', 'sir2',
-  # 'image_folders', or 'synthetic_shapes' = these shapes stored as a TFDS dataset).
-  c.manual_dir = ""  # the user's downloaded data (real datasets); nothing is downloaded
-  c.data_dir = ""  # where prepared datasets are written ('': ~/tensorflow_datasets)
-  c.subset1 = ()  # mit_intrinsic / sir2: objects (keys) of subset 1, the inputs x ((): documented default split)
-  c.subset2 = ()  # ... of subset 2: the layer images and the test triplets
-  c.folders = ()  # image_folders: the mixtures' directory, then one per layer (relative to manual_dir)
-  c.test_folder = ""  # image_folders: optional directory of test triplets (subfolders named as `folders`)
-  c.augment = False  # Sec. 4 (real data): random scale in scale_range, random crop to image_size, random flip
-  c.scale_range = (0.8, 1.2)  # Sec. 4: "random scalings by factors within 0.8 ~ 1.2"
-  c.base_size = 0  # resize the shorter side to this before augmenting (0: keep the file's size)
-  c.eval_image_size = 0  # test triplets: shorter side resized to this, centre crop (0: image_size)
-
-  # --- model ----------------------------------------------------------------
-  # 'unet' (Sec. 4, synthetic data) or 'vgg' (Sec. 4, real images: VGG-19 encoder,
-  # dilated context decoder; sils_jax/models/vgg.py)
-  c.generator = "unet"
-  c.vgg_weights = ""  # 'vgg': pretrained VGG-19 file (.h5 Keras, .pth torchvision, .npz converted); '': random init
-  c.vgg_preprocess = "auto"  # 'caffe' (Keras weights), 'torch' (torchvision), 'auto': from the weights file
-  # Train the VGG encoders (default) or keep them at the pretrained weights. The SS
-  # loss needs E_k(x) to move towards E_k(y_k) and away from the other streams: with
-  # frozen (identical) encoders its inter-domain term cannot change.
-  c.freeze_encoder = False
-  c.vgg_channel_divisor = 1  # divide VGG-19's widths (tests only; 1 for pretrained weights)
-  c.encoder_features = (16, 32, 64, 128, 256)  # E: five 4x4 stride-2 convs (Sec. 4)
-  c.decoder_features = (128, 64, 32, 16, 16)  # G: the encoder's layers reversed, then a 3-channel conv
-  c.norm = "batch"  # Sec. 4: batch normalisation after every conv ('batch', 'instance', 'none')
-  # 4x4 stride-2 up-conv, forms of the same maths and parameters (models/upsample.py):
-  # 'phases' (2x2 conv to 4F channels, the transposed conv's exact FLOPs; fastest on
-  # CPU), 'subpixel' (3x3 conv to 4F channels + depth-to-space, 9/4 of the FLOPs; the
-  # form measured on GPU), 'transpose' (flax ConvTranspose; slow weight gradient on
-  # CPU) or 'auto' (phases on CPU, subpixel elsewhere). Not an architecture field: a
-  # run may resume with another form.
-  c.upsample = "auto"
-  c.output_activation = "none"  # 'none' (authors' code) or 'sigmoid'
-  c.disc_branches = 1  # Sec. 4: 1 branch for synthetic data, 3 for real images
-  c.disc_features = (32, 64, 128, 32)  # Sec. 4: each branch has 4 convs, 4x4, stride 2
-  # How convolutions run (same maths and parameters): 'xla', 'matmul' (patches x
-  # matrix, fast on CPU for small feature maps), 'winograd' (matmul, with the larger
-  # 4x4 stride-2 convs as Winograd's F(2x2, 2x2): 9/16 of their multiply-adds),
-  # 'xla_pad' (XLA with the input channels zero-padded to a multiple of 4 / 8 for GPU
-  # tensor cores; not yet timed) or 'auto' (winograd on CPU, XLA's convolution
-  # elsewhere); see sils_jax/models/conv.py.
-  c.conv_impl = "auto"
-  c.compute_dtype = "float32"  # activations/convs dtype: 'float32' or 'bfloat16' (params, optimizer state and losses stay float32)
-  # How to normalise at evaluation: 'per_image' uses each image's own statistics,
-  # exactly as training does with one image per batch (paper), 'running' the
-  # BatchNorm running averages (better when training with large batches).
-  c.eval_norm_stats = "per_image"
-
-  # --- losses (eqs. 5-9) ----------------------------------------------------
-  # 'unsupervised' (the method) or 'supervised': the same generator trained with an
-  # L1 loss on paired training triplets, the upper bound every table reports.
-  c.objective = "unsupervised"
-  c.gan_loss = "nsgan"  # eq. (7) log form ('nsgan'), or UNIT's least squares ('lsgan')
-  c.lambda0 = 5.0  # λ0: weight of the GAN terms, eq. (7)
-  c.lambda_intra = (0.5, 0.5)  # λ1, λ2: intra-domain L1 terms of eq. (5), one per layer
-  c.lambda_inter = 1.0  # λ3: inter-domain term 1 - d_psi of eq. (5)
-  # λ4, λ5, λ6 of eq. (8). Sec. 4 lists 1.0, but Sec. 5.2 finds w2 = 10 best in
-  # eq. (9) and concludes "this suggests λ4 = λ5 = λ6 = 10.0 in the experiment".
-  c.lambda_cycle_x = 10.0  # λ4
-  c.lambda_cycle_layers = (10.0, 10.0)  # λ5, λ6: one per layer
-  c.alpha = 1.4  # α of the modified sigmoid, eq. (6)
-  c.w1 = 1.0  # w1 of eq. (9), multiplies L_SS
-  c.w2 = 1.0  # w2 of eq. (9), multiplies L_CC (already folded into λ4..λ6 = 10)
-  # Where the SS distance is measured. Paper: on the latent code (the last encoder
-  # level, index 4), elementwise. The authors' earlier code: 'mean' mode (d_psi of
-  # ss_scale x mean L1 per level) over levels (1, 2, 3, 4).
-  c.ss_mode = "elementwise"
-  c.ss_levels = (4,)
-  c.ss_scale = 10.0
-  # Gradient penalty (Sec. 4 "with gradient penalization"; weight not given):
-  # R1 on real layer samples, gamma below. 0 disables it.
-  c.gp_weight = 1.0
-  # What R1 differentiates, per image: the 'sum' of D's patch logits, or their 'mean'
-  # (R1 of one scalar output per image; the sum form is (h*w)^2 times stronger per
-  # branch: 256x at 64x64, 4096x at 128x128 for the synthetic D's 8x8 patch map).
-  c.gp_logits = "sum"
-
-  # --- optimisation ---------------------------------------------------------
-  c.learning_rate = 1e-4  # Sec. 4: Adam, lr 0.0001
-  c.b1 = 0.0  # Sec. 4: momentums 0.0 and 0.9
-  c.b2 = 0.9
-  c.lr_schedule = "constant"  # 'constant' or 'linear_decay' (to 0 over the second half)
-  c.per_device_batch_size = 1  # Sec. 4: one x, one y, one z per mini-batch
-  c.num_train_steps = 100_000  # not stated in the paper
-
-  # --- loop -----------------------------------------------------------------
-  c.log_every_steps = 100
-  # Input: batches made ahead in worker threads (sils_jax/data/prefetch.py); 0: in the
-  # loop; -1: 2 on GPU/TPU, 0 on CPU (where the workers slow the step: 10% vs 4.8% loop
-  # overhead on 2 cores, benchmarks/README.md)
-  c.prefetch_batches = -1
-  c.input_workers = 0  # 0: min(8, CPU count)
-  c.eval_every_steps = 5000
-  c.num_eval_images = 1000  # test triplets used by the periodic evaluation
-  c.eval_batch_size = 50
-  c.checkpoint_every_steps = 5000
-  c.keep_checkpoints = 3
-  c.num_sample_images = 6  # columns of the PNG sample grid
-  c.tensorboard = "auto"  # TensorBoard event files when TensorFlow imports ('auto', 'on', 'off')
-  c.profile_steps = 0  # trace this many steps with jax.profiler into WORKDIR/profile (0: off)
-  c.profile_start_step = 10  # first traced step (after compilation)
-
-  # --- multi-host (jax.distributed) -------------------------------------------
-  c.distributed = False  # join a multi-process job (auto on SLURM with several tasks and TPU pods)
-  c.coordinator_address = ""  # host:port of process 0; empty: from the environment
-  c.num_processes = 0  # 0: from the environment
-  c.process_id = -1  # -1: from the environment
-
-  if variant in (None, ""):
-    pass
-  elif variant in ("quick", "three_layers", "three_layers_quick"):
-    if variant.startswith("three_layers"):
-      c.layer_names = ("square", "circle", "triangle")
-      c.shapes = ("square", "circle", "triangle")
-      c.num_train = 5000  # Sec. 5.4: 5000 images
-      c.lambda_intra = (0.5, 0.5, 0.5)
-      c.lambda_cycle_layers = (10.0, 10.0, 10.0)
-    if variant.endswith("quick"):
-      c.image_size = 64
-      c.num_train_steps = 1000
-      c.log_every_steps = 100
-      c.eval_every_steps = 250
-      c.num_eval_images = 200
-      c.checkpoint_every_steps = 250
-  else:
-    raise ValueError(f"unknown config variant {variant!r}: expected one of "
-                     "'', 'quick', 'three_layers', 'three_layers_quick'")
+  c = default_config()
+  variant = variant or ""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}: expected one of {VARIANTS}")
+  if variant.startswith("three_layers"):
+    c.layer_names = ("square", "circle", "triangle")
+    c.shapes = ("square", "circle", "triangle")
+    c.num_train = 5000  # Sec. 5.4: 5000 images
+    c.lambda_intra = (0.5, 0.5, 0.5)
+    c.lambda_cycle_layers = (10.0, 10.0, 10.0)
+  if variant.endswith("quick"):
+    c.image_size = 64
+    c.num_train_steps = 1000
+    c.log_every_steps = 100
+    c.eval_every_steps = 250
+    c.num_eval_images = 200
+    c.checkpoint_every_steps = 250
   return c

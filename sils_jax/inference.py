@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from sils_jax import blend
+from sils_jax import blend, default_config
 from sils_jax.training import checkpoints
 from sils_jax.training.state import create_states, init_key, make_generator
 from sils_jax.training.step import predict
@@ -63,8 +63,9 @@ def to_float_rgb(image: Any, name: str = "image") -> np.ndarray:
 
 
 def _restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The run's saved config, filled in once with the fields added since it was saved."""
   raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(raw)
+  return default_config.complete(raw)
 
 
 class Separator:
@@ -76,7 +77,7 @@ class Separator:
     self.step = step
     self._params, self._batch_stats = params, batch_stats
     # input sizes must be multiples of the encoder's total stride (padded up to one)
-    self._multiple = 16 if config.get("generator", "unet") == "vgg" else 2 ** len(config.encoder_features)
+    self._multiple = 16 if config.generator == "vgg" else 2 ** len(config.encoder_features)
     model = make_generator(config, axis_name=None)
     run = functools.partial(predict, model, norm_stats=config.eval_norm_stats)
     # jax.jit compiles once per input shape and caches the result.

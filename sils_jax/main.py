@@ -15,12 +15,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample images.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
-flags.DEFINE_bool("keep_freed_memory", True, "On a CPU-only Linux host, let glibc keep the memory a "
-                  "training step frees for the next step instead of unmapping it (no page faults per "
-                  "step; the process keeps its peak memory). See sils_jax/cpu_memory.py.")
-flags.DEFINE_bool("huge_pages", True, "With --keep_freed_memory, back the heap that holds the step's "
-                  "memory with transparent huge pages after the first step (Linux; a few seconds "
-                  "once). See sils_jax/cpu_memory.py.")
+flags.DEFINE_bool("keep_freed_memory", False, "Opt-in, CPU-only Linux hosts: set glibc's malloc for the "
+                  "whole process to keep the memory a training step frees for the next step (no page "
+                  "faults per step; the process keeps its peak memory). Measured gain: "
+                  "benchmarks/README.md. See sils_jax/cpu_kernels/memory.py.")
+flags.DEFINE_bool("huge_pages", False, "Opt-in, with --keep_freed_memory: back the heap that holds the "
+                  "step's memory with transparent huge pages after the first step (Linux). See "
+                  "sils_jax/cpu_kernels/memory.py.")
 
 
 def main(argv):
@@ -28,7 +29,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_libraries()
   if FLAGS.keep_freed_memory:  # before jax starts its CPU threads
-    from sils_jax.cpu_memory import keep_freed_memory
+    from sils_jax.cpu_kernels.memory import keep_freed_memory
     logging.info("Keeping freed memory between steps (glibc malloc): %s", keep_freed_memory())
   from sils_jax.training import config_checks, loop  # after flag parsing: keeps --help fast
   from sils_jax.training.distributed import initialize_distributed
@@ -37,7 +38,7 @@ def main(argv):
   after_first_step = None
   if FLAGS.keep_freed_memory and FLAGS.huge_pages:
     def after_first_step():
-      from sils_jax.cpu_memory import use_huge_pages
+      from sils_jax.cpu_kernels.memory import use_huge_pages
       logging.info("Backing the heap with huge pages: %s", use_huge_pages())
   try:
     result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, after_first_step=after_first_step)

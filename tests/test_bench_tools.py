@@ -81,134 +81,6 @@ def test_compare_pairs_repeats_with_their_own_torch_row_and_summarises_them():
   assert compare.summarise_repeats(compare.summarise(plain)) == []
 
 
-def test_ab_step_reads_variants_overrides_and_compiler_options():
-  from benchmarks import ab_step
-  assert ab_step.parse_variant("base:") == ("base", {}, {}, {})
-  name, overrides, options, attrs = ab_step.parse_variant(
-      "x: conv_impl=xla, per_device_batch_size=2,@xla_cpu_enable_fast_math=false,gp_weight=0.5,"
-      "%sils_jax.models.direct_conv.SMALL_IN_CHANNELS=(1, 3)")
-  assert (name, overrides, options) == ("x", {"conv_impl": "xla", "per_device_batch_size": 2, "gp_weight": 0.5},
-                                        {"xla_cpu_enable_fast_math": False})
-  assert attrs == {"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": (1, 3)}
-  for bad in ("nocolon", ":conv_impl=xla", "x:conv_impl", "x:@=1", "x:%=1", "x:%NOMODULE=1"):
-    with pytest.raises(ValueError, match="variant"):
-      ab_step.parse_variant(bad)
-
-
-def test_ab_step_module_attributes_are_set_for_the_block_then_restored():
-  from benchmarks import ab_step
-  from sils_jax.models import direct_conv
-  before = direct_conv.SMALL_IN_CHANNELS
-  with ab_step.module_attributes({"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": ()}):
-    assert direct_conv.SMALL_IN_CHANNELS == ()
-  assert direct_conv.SMALL_IN_CHANNELS == before
-  with pytest.raises(RuntimeError):  # restored when the block raises too
-    with ab_step.module_attributes({"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": ()}):
-      raise RuntimeError
-  assert direct_conv.SMALL_IN_CHANNELS == before
-  for path, msg in (("sils_jax.models.direct_conv.NOPE", "no attribute 'NOPE'"), ("no_such_mod.X", "no module")):
-    with pytest.raises(ValueError, match=msg):
-      with ab_step.module_attributes({"sils_jax.models.direct_conv.SMALL_IN_CHANNELS": (), path: 1}):
-        pass
-    assert direct_conv.SMALL_IN_CHANNELS == before  # the first one set is restored
-
-
-def test_ab_step_runs_a_second_kernel_build_under_its_own_prefix(tmp_path):
-  import jax
-  import numpy as np
-  from benchmarks import ab_step
-  from sils_jax.models import direct_conv
-  if not direct_conv.available():
-    pytest.skip(f"direct-conv kernels unavailable: {direct_conv.unavailable_reason()}")
-  libs = ab_step.load_kernel_builds([f"other:{direct_conv._state['path']}"])
-  assert libs
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 3))
-  # a new function per trace, as ab_step's variants each build their own step (one jitted
-  # function would be traced once and keep the first prefix)
-  conv = lambda: jax.jit(lambda x, w: direct_conv.conv3x3(x, w))  # noqa: E731
-  grad = lambda: jax.jit(jax.grad(lambda x, w: direct_conv.conv3x3(x, w).sum(), (0, 1)))  # noqa: E731
-  ref, ref_grads = conv()(x, w), grad()(x, w)
-  attr = "sils_jax.models.direct_conv.TARGET_PREFIX"
-  with ab_step.module_attributes({attr: "other"}):  # read when traced
-    np.testing.assert_array_equal(conv()(x, w), ref)
-    for g, r in zip(grad()(x, w), ref_grads):
-      np.testing.assert_array_equal(g, r)
-  with ab_step.module_attributes({attr: "never_registered"}):  # the prefix is what is called
-    with pytest.raises(jax.errors.JaxRuntimeError, match="never_registered_fwd"):
-      conv()(x, w)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="never_registered_d"):
-      grad()(x, w)
-  not_a_build = tmp_path / "x.so"
-  not_a_build.write_text("")
-  for spec, msg in (("no_colon", "expected TAG:PATH"), ("1bad:/x.so", "expected TAG:PATH"),
-                    ("sils_direct_conv:/x.so", "this tree's own build"),
-                    (f"t:{tmp_path / 'missing.so'}", "cannot load"), (f"t:{not_a_build}", "cannot load")):
-    with pytest.raises(ValueError, match=msg):
-      ab_step.load_kernel_builds([spec])
-
-
-def test_ab_step_overrides_a_copy_and_rejects_unknown_fields():
-  import ml_collections
-  from benchmarks import ab_step
-  base = ml_collections.ConfigDict({"conv_impl": "auto", "opt": {"lr": 1e-4}})
-  new = ab_step.apply_overrides(base, {"conv_impl": "xla", "opt.lr": 2e-4})
-  assert (new.conv_impl, new.opt.lr) == ("xla", 2e-4)
-  assert (base.conv_impl, base.opt.lr) == ("auto", 1e-4)
-  for key, missing in (("conv_iml", "conv_iml"), ("opt.lrr", "lrr"), ("nope.lr", "nope")):
-    with pytest.raises(KeyError, match=f"no field '{missing}'"):
-      ab_step.apply_overrides(base, {key: 1})
-
-
-def test_ab_step_summary_ratios_and_metric_differences():
-  import numpy as np
-  from benchmarks import ab_step
-  rows = ab_step.summarise({"a": [100.0, 120.0, 110.0], "b": [90.0, 80.0, 200.0]})
-  assert list(rows) == ["a", "b"]
-  assert rows["a"]["ms_median"] == 110.0 and rows["b"]["ms_median"] == 90.0
-  assert rows["b"]["ratio_to_first"] == pytest.approx(90 / 110, abs=1e-4)
-  ref = {"loss": np.float32(2.0), "norm": np.float32(4.0), "finite": np.bool_(True)}
-  assert ab_step.max_rel_diff(dict(ref), ref) == (0.0, None)
-  assert ab_step.max_rel_diff({**ref, "norm": np.float32(5.0)}, ref) == (pytest.approx(0.25), "norm")
-  assert ab_step.max_rel_diff({"loss": np.float32(2.0)}, ref) == (np.inf, "norm")
-  assert ab_step.max_rel_diff({**ref, "loss": np.float32(np.nan)}, ref) == (np.inf, "loss")
-
-
-def test_ab_transposes_swaps_in_the_plain_functions_and_restores_them():
-  """The benchmark's 'autodiff' variant: the same conv to the second order, traced
-  without the hand-written transposes; everything is put back afterwards."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from benchmarks import ab_transposes
-  from sils_jax.models import conv, upsample
-  modules = {"conv": conv, "upsample": upsample}
-  before = {name: getattr(modules[m], name) for m, name in ab_transposes.SWAPPED}
-  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 16))
-  w = jax.random.normal(jax.random.key(1), (4, 4, 16, 4)) * 0.1  # narrowing: shift form, scatter
-
-  def r1(w):
-    return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(conv.conv2d(x, w, (2, 2), "SAME", "matmul"))))(x) ** 2)
-  hand = jax.grad(r1)(w)
-  with ab_transposes.autodiff_transposes():
-    for m, name in ab_transposes.SWAPPED:
-      assert getattr(modules[m], name) is before[name].fun
-    plain = jax.grad(r1)(w)
-    plain_jaxpr = str(jax.make_jaxpr(jax.grad(r1))(w))
-  assert {name: getattr(modules[m], name) for m, name in ab_transposes.SWAPPED} == before
-  np.testing.assert_allclose(plain, hand, rtol=1e-5, atol=1e-6)
-  assert str(jax.make_jaxpr(jax.grad(r1))(w)) != plain_jaxpr
-
-
-def test_streams_vmap_difference_is_relative_per_leaf_and_nan_is_infinite():
-  import numpy as np
-  from benchmarks import streams_vmap
-  ref = [np.array([1.0, 2.0]), np.array([[100.0]])]
-  assert streams_vmap.max_rel_diff(ref, ref) == 0.0
-  assert streams_vmap.max_rel_diff([np.array([1.0, 2.1]), np.array([[100.0]])], ref) == pytest.approx(0.05)
-  assert streams_vmap.max_rel_diff([np.array([1.0, np.nan]), np.array([[100.0]])], ref) == np.inf
-
-
 # --- flop_count: every product counted is one that a ones-by-ones evaluation adds ---
 
 def _each_product_once(eqn) -> int:
@@ -316,24 +188,61 @@ print("ok")
 
 
 def test_model_flops_of_the_step_match_xlas_cost_analysis_of_its_products():
-  """train_step.model_flops on the tiny synthetic step (the reference forms, whatever
-  form the config names): at most XLA's cost analysis of the same lowered step, which
-  also counts elementwise work, and within 10% of it; the same count for every
-  equivalent conv / up-conv form."""
+  """train_step.model_flops on the tiny synthetic step (the reference forms, flax's
+  layers, whatever config.cpu_kernels says): at most XLA's cost analysis of the same
+  lowered step, which also counts elementwise work, and within 10% of it; the same
+  count with the CPU forms ('auto') and 'off'."""
   from benchmarks import train_step
   from tiny_config import tiny_config
   counts = set()
-  for impl, up in (("xla", "transpose"), ("auto", "auto"), ("winograd", "subpixel")):
+  for mode in ("off", "auto"):
     c = tiny_config()
-    c.conv_impl, c.upsample = impl, up
+    c.cpu_kernels = mode
     counts.add(train_step.model_flops(c, 2))
   assert len(counts) == 1
   (count,) = counts
   ref = tiny_config()
-  ref.conv_impl, ref.upsample = "xla", "transpose"
+  ref.cpu_kernels = "off"
   p_step, g, d, b = train_step.prepare_step(ref, 2)
   cost = p_step.lower(g, d, b).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if not cost or "flops" not in cost:
     pytest.skip("this jax's lowered cost analysis has no FLOPs")
   assert 0.9 * cost["flops"] <= count <= cost["flops"]
+
+
+@pytest.mark.parametrize("dtype,kernel,strides,use_bias,padded", [
+    ("float32", (4, 4), (2, 2), False, 4),   # the encoders' and discriminators' first convs
+    ("float32", (3, 3), (1, 1), True, 4),
+    ("bfloat16", (4, 4), (2, 2), True, 8),  # 16-bit: a multiple of 8
+])
+def test_padded_conv_equals_nn_conv_on_the_same_params(dtype, kernel, strides, use_bias, padded):
+  """train_step.PaddedConv (--conv=xla_pad): nn.Conv's parameters (same init, same tree),
+  its values and gradients on 3 input channels, with the conv XLA runs taking the
+  channels padded to ``padded``."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import train_step
+  kw = dict(features=6, kernel_size=kernel, strides=strides, padding="SAME", use_bias=use_bias,
+            dtype=jnp.dtype(dtype), bias_init=nn.initializers.normal(0.5))
+  ref, pad = nn.Conv(**kw), train_step.PaddedConv(**kw)
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, pad.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_array_equal(pad.init(jax.random.key(1), x)["params"]["kernel"], params["params"]["kernel"])
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  want, got = ref.apply(params, x), pad.apply(params, x)
+  assert got.dtype == want.dtype and got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
+  g_want, g_got = jax.grad(loss(ref), argnums=(0, 1))(params, x), jax.grad(loss(pad), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10)
+  convs = [e for e in jax.make_jaxpr(pad.apply)(params, x).jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert [e.invars[0].aval.shape[-1] for e in convs] == [padded]
+  assert [e.invars[1].aval.shape[2] for e in convs] == [padded]
+  assert train_step.conv_layers("xla_pad") == {"conv": train_step.PaddedConv}
+  assert train_step.conv_layers("flax") is None

@@ -41,7 +41,7 @@ def _operand_dtypes(jaxpr, primitive: str) -> set[tuple[str, ...]]:
 
 
 def _conv_dtypes(jaxpr) -> set[tuple[str, ...]]:
-  """Operand dtypes of the convolutions, whichever form they take (models/conv.py):
+  """Operand dtypes of the convolutions, whichever form they take (sils_jax/cpu_kernels):
   XLA convolutions or patches x kernel matrix products."""
   return _operand_dtypes(jaxpr, "conv_general_dilated") | _operand_dtypes(jaxpr, "dot_general")
 
@@ -55,12 +55,14 @@ def test_states_are_float32_with_bfloat16_compute():
     assert _float_dtypes(tree) == {"float32"}, name
 
 
-@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+# 'off': flax's layers (XLA convolutions); 'auto': the CPU forms (matrix products; the
+# direct FFI kernels are float32-only and leave bfloat16 convs to the matrix forms)
+@pytest.mark.parametrize("cpu_kernels", ["off", "auto"])
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
-def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype, conv_impl):
+def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype, cpu_kernels):
   c = tiny_config()
   c.compute_dtype = compute_dtype
-  c.conv_impl = conv_impl
+  c.cpu_kernels = cpu_kernels
   s, n = c.image_size, len(c.layer_names)
   gen, disc = make_generator(c, axis_name=None), make_discriminator(c)
   # abstract parameters: tracing needs no initialisation
@@ -71,7 +73,7 @@ def test_convs_run_in_compute_dtype_and_outputs_are_float32(compute_dtype, conv_
   g_jaxpr = jax.make_jaxpr(lambda v, x: gen.apply(v, x, train=True, method="separate",
                                                   mutable=["batch_stats"]))(g_vars, x)
   assert _conv_dtypes(g_jaxpr.jaxpr) == {(compute_dtype, compute_dtype)}
-  primitive = "conv_general_dilated" if conv_impl == "xla" else "dot_general"
+  primitive = "conv_general_dilated" if cpu_kernels == "off" else "dot_general"
   assert _operand_dtypes(g_jaxpr.jaxpr, primitive)  # the form asked for is the one traced
   # BatchNorm statistics are reduced in float32 whatever the compute dtype
   assert _operand_dtypes(g_jaxpr.jaxpr, "reduce_sum") == {("float32",)}

@@ -18,8 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def _tiny_vgg(**kw):
-  return LayerSeparator(generator="vgg", decoder_features=(8, 8, 8, 8), vgg_channel_divisor=16,
-                        conv_impl="xla", **kw)
+  return LayerSeparator(generator="vgg", decoder_features=(8, 8, 8, 8), vgg_channel_divisor=16, **kw)
 
 
 def test_vgg_generator_shapes_names_and_levels():
@@ -41,7 +40,7 @@ def test_vgg_generator_shapes_names_and_levels():
 
 
 def test_context_network_dilations_are_the_papers():
-  dec = vgg.ContextDecoder(features=(4, 4, 4, 4), conv_impl="xla")
+  dec = vgg.ContextDecoder(features=(4, 4, 4, 4))
   feats = [jnp.zeros((1, 64 // s, 64 // s, 4)) for s in (1, 2, 4, 8, 16)]
   v = dec.init(jax.random.key(1), feats, train=False)
   jaxpr = jax.make_jaxpr(lambda f: dec.apply(v, f, train=False))(feats)

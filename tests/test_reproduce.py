@@ -1,8 +1,9 @@
-"""benchmarks/reproduce_synthetic.py: each experiment name maps to the config overrides it claims."""
+"""sils_jax/reproduce.py (`python -m sils_jax.reproduce`): each experiment name maps to the config
+overrides it claims; the summary table; the configs it needs."""
 
 import pytest
 
-from benchmarks.reproduce_synthetic import overrides
+from sils_jax.reproduce import overrides
 
 
 def test_ablations_zero_their_terms():
@@ -37,7 +38,7 @@ def test_summary_groups_seeds_and_tags_and_reports_mean_and_std(tmp_path):
   import json
   import os
 
-  from benchmarks.reproduce_synthetic import collect, write
+  from sils_jax.reproduce import collect, write
   runs = {"full_seed0": (1.0, 2.0), "full_seed1": (3.0, 4.0), "full_norm-none_seed0": (0.5, 0.5)}
   for name, (sq, ci) in runs.items():
     os.makedirs(tmp_path / name / "eval")
@@ -52,6 +53,32 @@ def test_summary_groups_seeds_and_tags_and_reports_mean_and_std(tmp_path):
 
 
 def test_summary_of_an_empty_workdir_says_so(tmp_path):
-  from benchmarks.reproduce_synthetic import collect
+  from sils_jax.reproduce import collect
   with pytest.raises(SystemExit, match="no finished runs"):
     collect(str(tmp_path))
+
+
+def test_the_configs_are_found_in_the_source_tree_and_missing_ones_say_so(tmp_path):
+  from sils_jax import reproduce
+  reproduce.check_configs()  # this checkout: ROOT holds configs/synthetic.py
+  with pytest.raises(SystemExit, match="configs/synthetic.py.*source tree"):
+    reproduce.check_configs(str(tmp_path))
+
+
+def test_the_command_runs_as_a_module_from_any_directory(tmp_path):
+  """`python -m sils_jax.reproduce --summary` started outside the checkout (the package
+  importable, as after `pip install -e .`) reads the --workdir relative to where it runs."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from sils_jax import reproduce
+  os.makedirs(tmp_path / "runs" / "full_seed0" / "eval")
+  (tmp_path / "runs" / "full_seed0" / "eval" / "metrics.json").write_text(json.dumps(_metrics(1.0, 2.0)))
+  env = dict(os.environ, PYTHONPATH=reproduce.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, "-m", "sils_jax.reproduce", "--workdir=runs", "--summary"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| full | 1 | 10 | 1.000 | 2.000 | 1.500 |" in out.stdout
+  assert (tmp_path / "runs" / "results.md").exists()

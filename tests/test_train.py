@@ -161,11 +161,12 @@ def test_main_end_to_end_then_resume(tmp_path, caplog):
   # the CLI, with --config.field overrides, on a config file that reuses configs/synthetic.py
   cmd = [sys.executable, "-m", "sils_jax.main", f"--config={tiny}", f"--workdir={workdir}",
          "--config.num_train_steps=2", "--config.learning_rate=0.0002",
-         "--config.conv_impl=auto"]  # the CPU default (the resume below runs 'xla': same parameters)
+         "--config.cpu_kernels=auto",  # the CPU default (the resume below runs 'off': same parameters)
+         "--keep_freed_memory", "--huge_pages"]  # opt-in process settings
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2" in out.stderr and "test MSE x100" in out.stderr
-  # glibc set to keep freed memory before jax started its threads (sils_jax/cpu_memory.py)
+  # glibc set to keep freed memory before jax started its threads (sils_jax/cpu_kernels/memory.py)
   assert "Keeping freed memory between steps" in out.stderr and "already started" not in out.stderr
   # ... and after the first step (only then), the heap backed with huge pages where the kernel allows
   assert out.stderr.count("Backing the heap with huge pages: ") == 1
@@ -212,7 +213,7 @@ def test_main_end_to_end_then_resume(tmp_path, caplog):
     ("shapes", ("square", "circle", "square"), "config.shapes"),
     ("ss_levels", (7,), "config.ss_levels"),
     ("layer_names", ("a", "a"), "config.layer_names"),
-    ("conv_impl", "fast", "config.conv_impl"),
+    ("cpu_kernels", "fast", "config.cpu_kernels"),
     ("objective", "paired", "config.objective"),
 ])
 def test_bad_config_fields_raise_clear_errors(field, value, match):

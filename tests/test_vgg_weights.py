@@ -88,7 +88,7 @@ def torch_features(torch):
 
 def ours(params, preprocess, x):
   with jax.default_matmul_precision("highest"):
-    acts = VGG19(preprocess=preprocess, conv_impl="xla").apply({"params": params}, x)
+    acts = VGG19(preprocess=preprocess).apply({"params": params}, x)
   return {k: np.asarray(acts[k]) for k in COMPARED}
 
 
@@ -174,7 +174,7 @@ def test_keras_h5_matches_keras(keras_file, image, tmp_path, record_property):
   swapped = dict(params, conv1_1={"kernel": params["conv1_1"]["kernel"].transpose(1, 0, 2, 3),
                                   "bias": params["conv1_1"]["bias"]})
   with jax.default_matmul_precision("highest"):
-    wrong = VGG19(preprocess="caffe", conv_impl="xla", stop_after="conv1_2").apply({"params": swapped}, image)
+    wrong = VGG19(preprocess="caffe", stop_after="conv1_2").apply({"params": swapped}, image)
   assert np.max(np.abs(np.asarray(wrong["conv1_2"]) - ref["conv1_2"])) / np.max(np.abs(ref["conv1_2"])) > 1e-2
   # What Keras 3 itself writes: the nested legacy layout and the .weights.h5 layout.
   for written in files[1:]:

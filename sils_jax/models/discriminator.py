@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sils_jax.models.conv import Conv
+ModuleDef = Any  # a conv layer class: nn.Conv, or sils_jax/cpu_kernels' form of it
 
 
 def downsample(x: jax.Array) -> jax.Array:
@@ -37,7 +37,7 @@ class Discriminator(nn.Module):
   num_branches: int = 1
   features: Sequence[int] = (32, 64, 128, 32)
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # models/conv.py
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -49,11 +49,10 @@ class Discriminator(nn.Module):
         h_in = downsample(h_in)
       h = h_in
       for i, f in enumerate(self.features):
-        h = Conv(f, (4, 4), strides=(2, 2), padding="SAME", kernel_init=init, impl=self.conv_impl,
-                 dtype=self.dtype, name=f"branch{b}_conv{i}")(h)
+        h = self.conv(f, (4, 4), strides=(2, 2), padding="SAME", kernel_init=init, dtype=self.dtype,
+                      name=f"branch{b}_conv{i}")(h)
         h = nn.leaky_relu(h, 0.2)
-      h = Conv(1, (1, 1), kernel_init=init, impl=self.conv_impl, dtype=self.dtype,
-               name=f"branch{b}_logits")(h)
+      h = self.conv(1, (1, 1), kernel_init=init, dtype=self.dtype, name=f"branch{b}_logits")(h)
       outs.append(h.astype(jnp.float32))
     return outs
 
@@ -65,13 +64,13 @@ class LayerDiscriminators(nn.Module):
   num_branches: int = 1
   features: Sequence[int] = (32, 64, 128, 32)
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # models/conv.py
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, layers: jax.Array) -> list[list[jax.Array]]:
     """layers: [B, N, H, W, C] -> for each layer k, D_k's list of branch logits."""
     if layers.ndim != 5 or layers.shape[1] != self.num_layers:
       raise ValueError(f"expected layers of shape [B, {self.num_layers}, H, W, C], got {layers.shape}")
-    return [Discriminator(self.num_branches, tuple(self.features), self.dtype, self.conv_impl,
+    return [Discriminator(self.num_branches, tuple(self.features), self.dtype, self.conv,
                           name=f"d{k}")(layers[:, k])
             for k in range(self.num_layers)]

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sils_jax.models.unet import Decoder, Encoder
+from sils_jax.models.unet import Decoder, Encoder, ModuleDef
 from sils_jax.models.vgg import ContextDecoder, VGGEncoder
 
 GENERATORS = ("unet", "vgg")
@@ -26,10 +26,12 @@ class LayerSeparator(nn.Module):
   decoder_features: Sequence[int] = (128, 64, 32, 16, 16)
   norm: str = "batch"
   bn_axis_name: str | None = None
-  upsample: str = "subpixel"
   output_activation: str = "none"
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # models/conv.py: how convolutions run (same maths)
+  # the conv layer classes (same maths and parameters as flax's; sils_jax/cpu_kernels
+  # passes its CPU forms)
+  conv: ModuleDef = nn.Conv
+  conv_transpose: ModuleDef = nn.ConvTranspose
   # 'unet': the synthetic-data stream (unet.py); 'vgg': VGG-19 encoder and dilated
   # context decoder for real images (vgg.py; encoder_features and norm do not apply,
   # decoder_features are the four decoder blocks' filters)
@@ -39,21 +41,20 @@ class LayerSeparator(nn.Module):
 
   def setup(self):
     if self.generator == "vgg":
-      self.encoders = [VGGEncoder(self.vgg_preprocess, self.dtype, self.conv_impl,
-                                  self.vgg_channel_divisor, name=f"E{k}")
+      self.encoders = [VGGEncoder(self.vgg_preprocess, self.dtype, self.conv, self.vgg_channel_divisor,
+                                  name=f"E{k}")
                        for k in range(self.num_layers)]
       self.decoders = [ContextDecoder(tuple(self.decoder_features), output_activation=self.output_activation,
-                                      dtype=self.dtype, conv_impl=self.conv_impl, name=f"G{k}")
+                                      dtype=self.dtype, conv=self.conv, name=f"G{k}")
                        for k in range(self.num_layers)]
       return
     if self.generator != "unet":
       raise ValueError(f"config.generator must be one of {GENERATORS}, got {self.generator!r}")
-    kw = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-              conv_impl=self.conv_impl)
+    kw = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv=self.conv)
     self.encoders = [Encoder(tuple(self.encoder_features), name=f"E{k}", **kw)
                      for k in range(self.num_layers)]
-    self.decoders = [Decoder(tuple(self.decoder_features), upsample=self.upsample,
-                             output_activation=self.output_activation, name=f"G{k}", **kw)
+    self.decoders = [Decoder(tuple(self.decoder_features), output_activation=self.output_activation,
+                             conv_transpose=self.conv_transpose, name=f"G{k}", **kw)
                      for k in range(self.num_layers)]
 
   def encode(self, x: jax.Array, *, train: bool) -> list[list[jax.Array]]:

@@ -7,7 +7,9 @@ layer. Each of the decoders G_Y and G_Z has the same layers as the encoder but i
 reverse order plus a final layer with 3 channels. The corresponding layers of the
 encoder and decoder have mirror-link connections (U-Net)."
 
-Encoder and decoder are separate modules because the SS loss needs E's codes.
+Encoder and decoder are separate modules because the SS loss needs E's codes. The
+conv layers are module arguments (``conv``, ``conv_transpose``; flax's by default):
+``sils_jax/cpu_kernels`` passes faster CPU forms of the same maths and parameters.
 
 Mixed precision: ``dtype`` is the dtype of activations and convolutions (bfloat16 on
 GPU/TPU); parameters are ``param_dtype`` float32 (flax's default). Flax's BatchNorm
@@ -25,8 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sils_jax.models.conv import Conv
-from sils_jax.models.upsample import upsample_conv
+ModuleDef = Any
 
 NORMS = ("batch", "instance", "none")
 
@@ -70,7 +71,7 @@ class Encoder(nn.Module):
   norm: str = "batch"
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"  # see models/conv.py: same maths, backend-dependent speed
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
@@ -78,8 +79,8 @@ class Encoder(nn.Module):
     feats = []
     for i, f in enumerate(self.features):
       # a bias before a normalisation layer is removed by it: drop it
-      h = Conv(f, (4, 4), strides=(2, 2), padding="SAME", use_bias=self.norm == "none",
-               impl=self.conv_impl, dtype=self.dtype, name=f"conv{i}")(h)
+      h = self.conv(f, (4, 4), strides=(2, 2), padding="SAME", use_bias=self.norm == "none",
+                    dtype=self.dtype, name=f"conv{i}")(h)
       h = make_norm(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                     name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)
@@ -95,10 +96,10 @@ class Decoder(nn.Module):
   out_channels: int = 3
   norm: str = "batch"
   bn_axis_name: str | None = None
-  upsample: str = "subpixel"
   output_activation: str = "none"
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  conv: ModuleDef = nn.Conv
+  conv_transpose: ModuleDef = nn.ConvTranspose
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -108,11 +109,10 @@ class Decoder(nn.Module):
     for i, f in enumerate(self.features):
       if i > 0:  # mirror link: concatenate the encoder feature of the same resolution
         h = jnp.concatenate([h, feats[-1 - i]], axis=-1)
-      h = upsample_conv(f, self.upsample, use_bias=self.norm == "none", dtype=self.dtype,
-                        conv_impl=self.conv_impl, name=f"up{i}")(h)
+      h = self.conv_transpose(f, (4, 4), strides=(2, 2), padding="SAME", use_bias=self.norm == "none",
+                              dtype=self.dtype, name=f"up{i}")(h)
       h = make_norm(self.norm, train=train, axis_name=self.bn_axis_name, dtype=self.dtype,
                     name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)
-    h = Conv(self.out_channels, (3, 3), padding="SAME", impl=self.conv_impl, dtype=self.dtype,
-             name="out")(h)
+    h = self.conv(self.out_channels, (3, 3), padding="SAME", dtype=self.dtype, name="out")(h)
     return output_activation(h, self.output_activation)

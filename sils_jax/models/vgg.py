@@ -41,8 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sils_jax.models.conv import Conv
-from sils_jax.models.unet import output_activation
+from sils_jax.models.unet import ModuleDef, output_activation
 
 # (block, convolutions per block) of VGG-19; pools after blocks 1-4.
 BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
@@ -73,7 +72,7 @@ class VGG19(nn.Module):
 
   preprocess: str = "torch"
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  conv: ModuleDef = nn.Conv
   stop_after: str = "conv5_4"
   width_divisor: int = 1  # VGG-19's widths divided by this (small test models; 1 = VGG-19)
 
@@ -86,7 +85,7 @@ class VGG19(nn.Module):
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
       for i in range(1, n + 1):
         name = f"conv{b}_{i}"
-        h = nn.relu(Conv(CONV_FEATURES[b] // self.width_divisor, (3, 3), impl=self.conv_impl, dtype=self.dtype, name=name)(h))
+        h = nn.relu(self.conv(CONV_FEATURES[b] // self.width_divisor, (3, 3), dtype=self.dtype, name=name)(h))
         out[name] = h
         if name == self.stop_after:
           return out
@@ -98,7 +97,7 @@ class VGGEncoder(nn.Module):
 
   preprocess: str = "torch"
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  conv: ModuleDef = nn.Conv
   width_divisor: int = 1
 
   @nn.compact
@@ -107,8 +106,7 @@ class VGGEncoder(nn.Module):
     if x.shape[1] % STRIDE or x.shape[2] % STRIDE:
       raise ValueError(f"VGG encoder: image height and width must be multiples of {STRIDE}, "
                        f"got {x.shape[1]}x{x.shape[2]}")
-    acts = VGG19(self.preprocess, self.dtype, self.conv_impl, width_divisor=self.width_divisor,
-                 name="vgg")(x)
+    acts = VGG19(self.preprocess, self.dtype, self.conv, width_divisor=self.width_divisor, name="vgg")(x)
     return [acts[name] for name in LEVELS]
 
 
@@ -132,7 +130,7 @@ class ContextDecoder(nn.Module):
   out_channels: int = 3
   output_activation: str = "none"
   dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -144,7 +142,7 @@ class ContextDecoder(nn.Module):
     links = [_area_down(feats[LEVELS.index(n)], feats[LEVELS.index(n)].shape[1] // size) for n in LINKED]
     h = jnp.concatenate([code] + [l.astype(code.dtype) for l in links], axis=-1)
     for i, f in enumerate(self.features):
-      h = Conv(f, (3, 3), impl=self.conv_impl, dtype=self.dtype, name=f"block{i}")(h)
+      h = self.conv(f, (3, 3), dtype=self.dtype, name=f"block{i}")(h)
       h = _upsample2(nn.leaky_relu(h, 0.2))
     for i, d in enumerate(self.dilations):
       h = nn.Conv(self.context_features, (3, 3), kernel_dilation=(d, d), padding="SAME",
@@ -152,5 +150,5 @@ class ContextDecoder(nn.Module):
       h = nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, dtype=self.dtype,
                        name=f"context{i}_norm")(h)
       h = nn.leaky_relu(h, 0.2)
-    h = Conv(self.out_channels, (1, 1), impl=self.conv_impl, dtype=self.dtype, name="out")(h)
+    h = self.conv(self.out_channels, (1, 1), dtype=self.dtype, name="out")(h)
     return output_activation(h, self.output_activation)

@@ -17,7 +17,7 @@ from sils_jax.training.config_checks import ConfigError
 
 # Fields that change the parameter shapes or the meaning of the saved state; a
 # resumed run must agree on them. Others (num_train_steps, logging, and the forms
-# of the same maths: upsample, conv_impl, compute_dtype) may change.
+# of the same maths: cpu_kernels, compute_dtype) may change.
 ARCHITECTURE_FIELDS = ("layer_names", "image_size", "encoder_features", "decoder_features", "norm",
                        "disc_branches", "disc_features", "output_activation", "generator",
                        "vgg_preprocess", "vgg_channel_divisor", "freeze_encoder")

@@ -26,14 +26,14 @@ def initialize_distributed(config) -> bool:
   Without the flag it still joins when SLURM or the TPU runtime says there are
   several hosts.
   """
-  if not (config.get("distributed", False) or _environment_is_multihost()):
+  if not (config.distributed or _environment_is_multihost()):
     return False
   kwargs = {}
-  if config.get("coordinator_address", ""):
+  if config.coordinator_address:
     kwargs["coordinator_address"] = config.coordinator_address
-  if config.get("num_processes", 0) > 0:
+  if config.num_processes > 0:
     kwargs["num_processes"] = config.num_processes
-  if config.get("process_id", -1) >= 0:
+  if config.process_id >= 0:
     kwargs["process_id"] = config.process_id
   jax.distributed.initialize(**kwargs)
   logging.info("joined the distributed job: process %d of %d, %d local / %d global devices",

@@ -37,7 +37,7 @@ def make_dataset(config):
                            num_train=config.num_train, num_test=config.num_test, seed=config.seed)
   from sils_jax.data import builders, pipeline
   options = dataset_options(config)
-  data_dir = config.get("data_dir", "") or os.path.expanduser("~/tensorflow_datasets")
+  data_dir = config.data_dir or os.path.expanduser("~/tensorflow_datasets")
   # process 0 builds; the others then read the finished build
   lead = jax.process_index() == 0
   if lead:
@@ -57,8 +57,8 @@ def make_dataset(config):
                                     f"got {config.blend_mode!r}")
   return pipeline.RecordLayers(
       builders.data_sources(builder), num_layers=len(names), image_size=config.image_size,
-      seed=config.seed, augment=config.get("augment", False), scale_range=tuple(config.scale_range),
-      base_size=config.get("base_size", 0), eval_size=config.get("eval_image_size", 0),
+      seed=config.seed, augment=config.augment, scale_range=tuple(config.scale_range),
+      base_size=config.base_size, eval_size=config.eval_image_size,
       name=config.dataset)
 
 
@@ -128,9 +128,9 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False,
   """Trains as the config says, writing into ``workdir``; returns the last evaluation
   (and, with return_states, also this process's final generator and discriminator states).
   ``after_first_step`` is called once, when this run's first step has finished (the
-  CLI backs the heap with huge pages there: ``sils_jax/cpu_memory.py``)."""
+  CLI backs the heap with huge pages there: ``sils_jax/cpu_kernels/memory.py``, opt-in)."""
   config_checks.validate(config)
-  if config.get("generator", "unet") == "vgg" and config.get("vgg_preprocess", "auto") == "auto":
+  if config.generator == "vgg" and config.vgg_preprocess == "auto":
     config.vgg_preprocess = resolve_vgg_preprocess(config)  # saved resolved: restores need no weights file
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -145,8 +145,8 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False,
   g_state, d_state, start_step = checkpoints.restore_latest(manager, g_state, d_state, config)
   if start_step:
     logging.info("resumed from the checkpoint at step %d", start_step)
-  elif config.get("generator", "unet") == "vgg":
-    if config.get("vgg_weights", ""):
+  elif config.generator == "vgg":
+    if config.vgg_weights:
       g_state = load_pretrained_encoders(g_state, config)
       logging.info("VGG-19 encoders initialised from %s (preprocessing %r)", config.vgg_weights,
                    config.vgg_preprocess)
@@ -171,7 +171,7 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False,
       json.dump(evaluator.baselines, f, indent=2)
 
   total = config.num_train_steps
-  writer = make_writer(workdir, lead=lead, tensorboard=config.get("tensorboard", "auto"))
+  writer = make_writer(workdir, lead=lead, tensorboard=config.tensorboard)
   writer.write_hparams(config)
   last_eval: dict[str, Any] = {}
 
@@ -189,22 +189,22 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False,
   if start_step == 0:  # the untrained model, so the curve shows where training starts
     evaluate(0)
   progress = Progress(total, config.log_every_steps, global_batch=global_batch, start_step=start_step)
-  profiler = ProfileWindow(workdir, config.get("profile_start_step", 10), config.get("profile_steps", 0))
+  profiler = ProfileWindow(workdir, config.profile_start_step, config.profile_steps)
   done = start_step
   interval = None
   pending = None  # (step, metrics) whose finite flag is not read yet
-  supervised = config.get("objective", "unsupervised") == "supervised"
+  supervised = config.objective == "supervised"
   if supervised:
     logging.warning("config.objective='supervised': training on paired triplets with an L1 loss "
                     "(the upper bound of the method, not the method)")
   def make_batch(step: int) -> dict:  # a pure function of the step: safe to make ahead
     return shard(data.train_batch(step, global_batch, shard_index=jax.process_index(),
                                   num_shards=jax.process_count(), paired=supervised))
-  depth = config.get("prefetch_batches", -1)
+  depth = config.prefetch_batches
   if depth < 0:  # auto: on a CPU backend the workers would take cores from the step itself
     depth = 0 if jax.default_backend() == "cpu" else 2
   inputs = Prefetcher(make_batch, start_step, total, depth=depth,
-                      workers=config.get("input_workers", 0) or min(8, os.cpu_count() or 1))
+                      workers=config.input_workers or min(8, os.cpu_count() or 1))
   with _stop_on_sigterm() as preempted, _closing(manager), writer, profiler, inputs:
     for step in range(start_step, total):
       profiler(step)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax.training import train_state
 
 from sils_jax.models.discriminator import LayerDiscriminators
@@ -17,28 +18,42 @@ from sils_jax.models.separator import LayerSeparator
 AXIS = "batch"  # the pmap axis name
 
 
+def conv_layers(config) -> dict[str, Any]:
+  """The conv layer classes the models are built with: with ``config.cpu_kernels='auto'``
+  the faster forms of ``sils_jax/cpu_kernels`` (same maths and parameters; on the CPU
+  its kernels are built here, before any trace), with 'off' flax's own (``{}``: the
+  models' defaults). Without the wing installed, flax's layers."""
+  if config.cpu_kernels == "off":
+    return {}
+  try:
+    from sils_jax import cpu_kernels
+  except ImportError as e:
+    logging.warning("sils_jax.cpu_kernels cannot be imported (%s): flax's conv layers", e)
+    return {}
+  return cpu_kernels.layers(config.cpu_kernels, jax.default_backend())
+
+
 class GenState(train_state.TrainState):
   """Generator (all E_k, G_k) state, with BatchNorm statistics."""
   batch_stats: Any = None
 
 
-def make_generator(config, *, axis_name: str | None = AXIS) -> LayerSeparator:
+def make_generator(config, *, axis_name: str | None = AXIS, layers: dict | None = None) -> LayerSeparator:
   """G (all streams). Activations and convs run in ``config.compute_dtype``; parameters,
-  BatchNorm statistics and outputs are float32. Configs saved before the field existed
-  (restored checkpoints) read as float32."""
+  BatchNorm statistics and outputs are float32. ``layers``: the conv layer classes
+  (default ``conv_layers(config)``)."""
   return LayerSeparator(
       num_layers=len(config.layer_names),
       encoder_features=tuple(config.encoder_features),
       decoder_features=tuple(config.decoder_features),
       norm=config.norm,
       bn_axis_name=axis_name,
-      upsample=config.upsample,
       output_activation=config.output_activation,
-      dtype=jnp.dtype(config.get("compute_dtype", "float32")),
-      conv_impl=config.get("conv_impl", "auto"),
-      generator=config.get("generator", "unet"),
+      dtype=jnp.dtype(config.compute_dtype),
+      generator=config.generator,
       vgg_preprocess=resolve_vgg_preprocess(config),
-      vgg_channel_divisor=config.get("vgg_channel_divisor", 1))
+      vgg_channel_divisor=config.vgg_channel_divisor,
+      **(conv_layers(config) if layers is None else layers))
 
 
 def resolve_vgg_preprocess(config) -> str:
@@ -46,10 +61,10 @@ def resolve_vgg_preprocess(config) -> str:
 
   The training loop writes the resolved value into the config it saves, so a restored
   run never needs the weights file again."""
-  mode = config.get("vgg_preprocess", "auto")
+  mode = config.vgg_preprocess
   if mode != "auto":
     return mode
-  path = config.get("vgg_weights", "")
+  path = config.vgg_weights
   if not path:
     return "torch"
   ext = os.path.splitext(path)[1].lower()
@@ -94,19 +109,20 @@ def make_generator_optimizer(config) -> optax.GradientTransformation:
   """Adam for G; with config.freeze_encoder the encoders' updates are zero (their
   gradients are still computed: the reported gradient norm includes them)."""
   adam = make_optimizer(config)
-  if not config.get("freeze_encoder", False):
+  if not config.freeze_encoder:
     return adam
   return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, _frozen_labels)
 
 
-def make_discriminator(config) -> LayerDiscriminators:
+def make_discriminator(config, layers: dict | None = None) -> LayerDiscriminators:
   """D (all layers), in ``config.compute_dtype`` like the generator; logits are float32."""
+  layers = conv_layers(config) if layers is None else layers
   return LayerDiscriminators(
       num_layers=len(config.layer_names),
       num_branches=config.disc_branches,
       features=tuple(config.disc_features),
-      dtype=jnp.dtype(config.get("compute_dtype", "float32")),
-      conv_impl=config.get("conv_impl", "auto"))
+      dtype=jnp.dtype(config.compute_dtype),
+      **({"conv": layers["conv"]} if "conv" in layers else {}))
 
 
 def learning_rate_fn(config) -> optax.Schedule:
@@ -135,11 +151,13 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
-def create_states(config, rng: jax.Array) -> tuple[GenState, train_state.TrainState]:
-  """Initialises G (all streams) and D (all layers) from ``rng``; step is an array."""
+def create_states(config, rng: jax.Array, layers: dict | None = None) -> tuple[GenState, train_state.TrainState]:
+  """Initialises G (all streams) and D (all layers) from ``rng``; step is an array.
+  ``layers``: the conv layer classes (default ``conv_layers(config)``)."""
   n, s = len(config.layer_names), config.image_size
   g_rng, d_rng = jax.random.split(rng)
-  gen, disc = make_generator(config, axis_name=None), make_discriminator(config)
+  layers = conv_layers(config) if layers is None else layers
+  gen, disc = make_generator(config, axis_name=None, layers=layers), make_discriminator(config, layers)
   g_vars = jax.jit(lambda r: gen.init(r, jnp.zeros((1, s, s, 3)), train=False))(g_rng)
   d_vars = jax.jit(lambda r: disc.init(r, jnp.zeros((1, n, s, s, 3))))(d_rng)
   # BatchNorm syncs its batch statistics over the pmap axis; with one device in all
@@ -148,7 +166,7 @@ def create_states(config, rng: jax.Array) -> tuple[GenState, train_state.TrainSt
   # pmap can span several devices only when there are several, so this never drops a
   # sync that matters.
   bn_axis = AXIS if jax.device_count() > 1 else None
-  g_state = GenState.create(apply_fn=make_generator(config, axis_name=bn_axis).apply,
+  g_state = GenState.create(apply_fn=make_generator(config, axis_name=bn_axis, layers=layers).apply,
                             params=g_vars["params"],
                             batch_stats=g_vars["batch_stats"] if "batch_stats" in g_vars else {},
                             tx=make_generator_optimizer(config))

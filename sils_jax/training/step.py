@@ -52,8 +52,8 @@ class LossConfig:
         lambda_cycle_layers=tuple(float(v) for v in config.lambda_cycle_layers),
         alpha=float(config.alpha), w1=float(config.w1), w2=float(config.w2), ss_mode=config.ss_mode,
         ss_levels=tuple(int(l) for l in config.ss_levels), ss_scale=float(config.ss_scale),
-        gp_weight=float(config.gp_weight), objective=config.get("objective", "unsupervised"),
-        gp_logits=config.get("gp_logits", "sum"))
+        gp_weight=float(config.gp_weight), objective=config.objective,
+        gp_logits=config.gp_logits)
 
 
 def _levels(codes: list[list[jax.Array]], levels: tuple[int, ...]) -> list[Any]:

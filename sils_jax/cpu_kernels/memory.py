@@ -1,30 +1,15 @@
-"""Keeping the memory of one CPU step for the next (glibc's malloc settings).
+"""Opt-in process settings for the CPU step: glibc keeps freed memory, huge pages.
 
-XLA:CPU allocates a step's temporaries as one block (tens to hundreds of MB) and frees
-it when the step ends. glibc serves a block that large with a fresh ``mmap`` and
-unmaps it on ``free``, so every step touches new pages: 16 900 page faults per step at
-128x128, batch 1; keeping the memory made the batch-8 step take 0.85-0.94 of the time
-(``benchmarks/README.md``, the CPU section of 2026-12-06). With one malloc arena, no
-``mmap`` and no trimming, the freed block stays in the heap and the next step reuses
-it: no faults after the first steps. The process then keeps its peak memory until it
-exits.
-
-The settings must be made before XLA starts its CPU threads, which happens when jax
-first touches a device (importing jax is fine): each thread that has allocated keeps
-its own arena, whose heap cannot grow past 64 MB and maps large blocks afresh.
-``python -m sils_jax.main`` and the step timers ``benchmarks/train_step.py`` (so also
-``compare.py``), ``ab_step.py`` and ``ab_transposes.py`` call ``keep_freed_memory``
-first; ``--keep_freed_memory=false`` turns it off.
-
-Once the heap holds a step's memory, ``use_huge_pages`` backs it with transparent huge
-pages (2 MB instead of 4 KB pages, ``madvise(MADV_HUGEPAGE)`` then ``MADV_COLLAPSE``):
-the step's data-movement fusions walk hundreds of MB per step, and with 512x fewer
-pages to map the 128x128, batch-8 step took 0.88-0.93 of the time (faster in 9 and 8 of
-10 interleaved rounds, two runs in one process each; batch 1: 0.92-0.98;
-``benchmarks/ab_huge_pages.py``, ``benchmarks/README.md``). Hosts
-whose kernel keeps huge pages off (``/sys/kernel/mm/transparent_hugepage/enabled`` set
-to ``never``) are left as they are. ``python -m sils_jax.main`` calls it after the first
-step (``--huge_pages=false`` turns it off), the step timers after their warm-up.
+XLA:CPU allocates a step's temporaries as one large block and frees it when the step
+ends; glibc serves such blocks with a fresh ``mmap`` and unmaps them on ``free``, so
+every step faults in new pages. ``keep_freed_memory`` sets one malloc arena, no
+``mmap`` and no trimming (the same as ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647``), so the next step reuses the heap; it must run
+before jax starts its CPU threads. ``use_huge_pages`` then backs that heap with
+transparent huge pages (``madvise``). Both change the whole process, so they are
+opt-in: ``python -m sils_jax.main --keep_freed_memory --huge_pages``; the step timers
+in benchmarks/ set them. Neither changes any result. Measured gains:
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -48,8 +33,7 @@ _KEPT = False  # whether keep_freed_memory set them in this process
 
 def kept() -> bool:
   """Whether this process keeps freed memory: ``keep_freed_memory`` set it, or the
-  environment did (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0``). The fastest form of some
-  convolutions depends on it (``sils_jax/models/conv.py``, 'auto')."""
+  environment did (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0``)."""
   return _KEPT or (os.environ.get("MALLOC_ARENA_MAX") == "1" and os.environ.get("MALLOC_MMAP_MAX_") == "0")
 
 
@@ -63,7 +47,7 @@ def _not_linux_glibc() -> str | None:
 
 def libc() -> ctypes.CDLL:
   """The C library, with errno kept for ``ctypes.get_errno`` and ``madvise`` /
-  ``mprotect`` typed (address, length, int); also used by benchmarks/ab_huge_pages.py."""
+  ``mprotect`` typed (address, length, int)."""
   lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
   lib.madvise.argtypes = lib.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
   return lib

@@ -1,7 +1,7 @@
 """Can the discriminators tell real layers from the trivial split x/N? A diagnostic.
 
-  python benchmarks/d_probe.py --config=configs/synthetic.py:quick --steps=3000
-  python benchmarks/d_probe.py --config=configs/synthetic.py:quick --config.gp_weight=0
+  python -m sils_jax.d_probe --config=configs/synthetic.py:quick --steps=3000
+  python -m sils_jax.d_probe --config=configs/synthetic.py:quick --config.gp_weight=0
 
 Trains only D (the config's discriminators, optimiser, loss and R1 penalty: exactly
 `sils_jax.training.step.discriminator_loss`) on unpaired real layer images against a
@@ -9,18 +9,15 @@ fixed fake, each layer = x/N of an independent mixture, and prints every `--ever
 the mean D loss of eq. (7) per layer (ln 4 = 1.386 at chance) and the share of patch
 logits on the right side of 0. In the full method the generator's first outputs are
 close to such blends; a D that cannot separate them from real layers gives the
-generator no shape signal. Prints one JSON line per report.
+generator no shape signal. Prints one JSON line per report (RESULTS.md, "The
+discriminators learn slowly even against a fixed fake").
 """
 
 import json
-import os
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/synthetic.py:quick", "Training config.")

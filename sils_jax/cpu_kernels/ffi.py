@@ -1,33 +1,19 @@
-"""Direct CPU kernels for the model's convolutions, with their gradients, as XLA FFI
-calls (``direct_conv.cc``): the decoder's output conv (3x3, 16 -> 3 channels;
-``conv3x3``), its 4x4 stride-2 up-convs in their phase form (``up_conv``), and the
-encoders' and discriminators' 4x4 stride-2 convs (``strided_conv``; their first ones on
-the 3-channel images too).
+"""Direct CPU kernels (C++ through XLA's FFI, ``direct_conv.cc``) for the model's
+convolutions and their gradients: the decoder's output conv (3x3, 16k -> 1-3 channels;
+``conv3x3``), its 4x4 stride-2 up-convs in the phase form (``up_conv``) and the 4x4
+stride-2 convs of the encoders and discriminators (``strided_conv``).
 
-In XLA's graph these convs move several times the data of the convs themselves: the
-output conv a 27-channel product and shifted sum forward and 27-channel patch matrices
-backward, each up-conv a 4-window patch matrix, a 4-phase product and the phases'
-interleave, each strided conv a space-to-depth copy and a 4-window patch matrix (or
-Winograd's transforms), and the transposes of all of them backward. The kernels read
-each input window in place and write each output pixel once. At 128x128, batch 8, the
-output conv's forward + gradients took 2.6 ms against 11.9 ms in the matrix form, the
-decoder's 46 against 68 ms, and the step 0.78 x 0.90 of the time (benchmarks/README.md).
-``conv.conv2d`` and ``upsample.phase_conv_transpose`` take them where ``supports``,
-``supports_up`` and ``supports_strided`` (and conv's measured rules) say so and the
-kernels are ``available``.
+Why: in XLA's graph these convs are patch matrices, shifted sums and interleaves that
+move several times the data of the products; the kernels read each input window in
+place and write each output pixel once (gains: benchmarks/README.md).
 
-The kernels are compiled from the C++ source on first use, once per machine, with the
-C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) and ``-O3 -march=native``
-(without ``-march`` where the compiler refuses it), into ``$SILS_JAX_KERNEL_CACHE``
-(default ``~/.cache/sils_jax/kernels``), named by a hash of the source, the flags,
-the jax version, the compiler and the CPU, and reused after (about 10 s once). Where
-that fails (no compiler, no FFI headers) or ``SILS_JAX_DIRECT_CONV=0`` is set, one
-warning says why and convolutions keep their XLA forms: same values to float
-rounding, slower.
-
-The three calls are each other's derivatives (forward ``y = x * w``; input gradient
-``dx = dy *^T w``; weight gradient ``dw = x (*) dy``), so every order of gradient
-stays in these kernels.
+``load()`` compiles the source once per machine with the C++ compiler (``$CXX``, else
+``c++``/``g++``/``clang++``; ``-O3 -march=native``, without ``-march`` where refused)
+into ``$SILS_JAX_KERNEL_CACHE`` (default ``~/.cache/sils_jax/kernels``), named by a hash
+of source, flags, jax version, compiler and CPU, then registers the FFI targets. It is
+called once, before anything is traced (``cpu_kernels.layers``); compiler warnings are
+logged. The three calls of each kernel are each other's derivatives, so every order of
+gradient stays in them.
 """
 
 from __future__ import annotations
@@ -48,30 +34,24 @@ import jax.numpy as jnp
 from absl import logging
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_conv.cc")
-CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _TARGETS = {"fwd": "SilsDirectConvFwd", "dx": "SilsDirectConvDx", "dw": "SilsDirectConvDw",
             "up_fwd": "SilsDirectUpConvFwd", "up_dx": "SilsDirectUpConvDx", "up_dw": "SilsDirectUpConvDw",
             "s2_fwd": "SilsDirectS2ConvFwd", "s2_dx": "SilsDirectS2ConvDx", "s2_dw": "SilsDirectS2ConvDw"}
-# FFI target names are TARGET_PREFIX + "_" + a key of _TARGETS. The build made here is
-# registered as "sils_direct_conv"; benchmarks/ab_step.py --kernels registers another
-# build under its own prefix, and a variant that sets this (read at trace time) runs it.
-OWN_PREFIX = "sils_direct_conv"
-TARGET_PREFIX = OWN_PREFIX
+PREFIX = "sils_direct_conv"  # FFI target names: PREFIX + "_" + a key of _TARGETS
 LANES = 16  # input channels per vector in the kernels
 MAX_FEATURES = 3
-# the up-conv kernels' templates (direct_conv.cc); with 256 -> 128 / 64 channels (the
-# first two up-convs, 4x4 and 8x8 inputs at 128 px) the kernels were slower than XLA's
-# forms: 5.8 against 4.6 and 8.3 against 6.7 ms forward + gradients at batch 8
+# the up-conv kernels' templates (direct_conv.cc); the 256-channel up-convs stay in
+# XLA's forms, where the kernels measured slower
 UP_IN_CHANNELS = (16, 32, 64, 128)
 UP_FEATURES = (16, 32, 64)
-# the strided kernels' input channels below one vector (the encoders' and discriminators'
-# first convs, on 1-4 channel images: s2_input_grad_small and a partial channel block),
-# with these output channels
+# the strided kernels' input channels below one vector (the first convs, on 1-4
+# channel images), with these output channels
 SMALL_IN_CHANNELS = (1, 2, 3, 4)
 SMALL_IN_FEATURES = (16, 32, 64)
 
 _lock = threading.Lock()
-_state: dict = {}  # 'ok': bool, 'reason': str, 'path': str
+_state: dict = {}  # 'ok': bool, 'reason': str, 'path': str, 'lib': CDLL
 
 
 def supports(kernel_shape, strides, padding, dtype) -> bool:
@@ -105,10 +85,9 @@ def cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "sils_jax", "kernels")
 
 
-def _build() -> str:
+def build() -> str:
   """Compiles the kernels (or finds them compiled) and returns the library's path;
-  raises RuntimeError with the reason. Where ``-march=native`` is refused (some
-  compilers for ARM), builds once more without it."""
+  raises RuntimeError with the reason. Compiler warnings are logged."""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
@@ -125,8 +104,8 @@ def _build() -> str:
     if os.path.exists(path):
       return path
     os.makedirs(cache_dir(), exist_ok=True)
-    # built under a temporary name and renamed, so that processes building at the same
-    # time never load a half-written file
+    # built under a temporary name and renamed: processes building at the same time
+    # never load a half-written file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
     start = time.perf_counter()
@@ -137,6 +116,8 @@ def _build() -> str:
         os.replace(tmp, path)
         logging.info("Compiled the direct-conv CPU kernels (%s) in %.1f s: %s", " ".join(flags),
                      time.perf_counter() - start, path)
+        if proc.stderr.strip():
+          logging.warning("Compiler warnings for %s:\n%s", SOURCE, proc.stderr.strip()[-4000:])
         return path
       errors.append(f"{cxx} {' '.join(flags)} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
     finally:
@@ -145,18 +126,21 @@ def _build() -> str:
   raise RuntimeError("; ".join(errors))
 
 
-def available() -> bool:
-  """Whether the kernels are compiled, loaded and registered with XLA (once per
-  process; a failure is logged once, with its reason, and the XLA forms are used)."""
+def load() -> bool:
+  """Builds, loads and registers the kernels once per process; returns whether they
+  are usable. ``SILS_JAX_DIRECT_CONV=0`` turns them off. A failure is logged once
+  with its reason (``unavailable_reason``)."""
   with _lock:
     if "ok" not in _state:
       if os.environ.get("SILS_JAX_DIRECT_CONV", "1") == "0":
         _state.update(ok=False, reason="SILS_JAX_DIRECT_CONV=0")
       else:
         try:
-          path = _build()
+          path = build()
           lib = ctypes.CDLL(path)
-          register(lib, OWN_PREFIX)
+          for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(f"{PREFIX}_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
           _state.update(ok=True, reason="", path=path, lib=lib)
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
           _state.update(ok=False, reason=str(e))
@@ -164,23 +148,15 @@ def available() -> bool:
     return _state["ok"]
 
 
-def register(lib: ctypes.CDLL, prefix: str) -> None:
-  """Registers a loaded build's FFI handlers as ``prefix + "_" + name`` for every
-  kernel name (the handlers' symbols: ``_TARGETS``)."""
-  for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(f"{prefix}_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-
-
 def unavailable_reason() -> str:
-  available()
-  return _state["reason"]
+  return _state.get("reason", "not loaded (call cpu_kernels.ffi.load() before tracing)")
 
 
 def _call(name: str, shape, *args) -> jax.Array:
-  if not available():
-    raise RuntimeError(f"the direct-conv CPU kernels are unavailable: {unavailable_reason()}")
+  if not _state.get("ok"):
+    raise RuntimeError(f"the direct-conv CPU kernels are not loaded: {unavailable_reason()}")
   # vmap: one call per mapped element (the kernels take one batch of NHWC images)
-  return jax.ffi.ffi_call(f"{TARGET_PREFIX}_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
+  return jax.ffi.ffi_call(f"{PREFIX}_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(*args)
 
 
@@ -223,13 +199,13 @@ conv3x3, conv3x3_input_grad, conv3x3_weight_grad = _bilinear(
 
 
 def supports_up(in_channels: int, features: int, dtype) -> bool:
-  """Whether the kernels compute this up-conv (``upsample.phase_conv_transpose``)."""
+  """Whether the kernels compute this up-conv (``upconv.phase_conv_transpose``)."""
   return (in_channels in UP_IN_CHANNELS and features in UP_FEATURES
           and jnp.dtype(dtype) == jnp.float32)
 
 
 # The up-convs, ConvTranspose(F, (4, 4), (2, 2), 'SAME') in the phase form
-# (sils_jax/models/upsample.py), with k = phase_kernel(kernel) as (2, 2, C, 2, 2, F):
+# (upconv.py), with k = phase_kernel(kernel) as (2, 2, C, 2, 2, F):
 # y[n, 2m + py, 2q + px, f] = sum over a, c in {0, 1} and ch of
 # x[n, m + py + a - 1, q + px + c - 1, ch] k[a, c, ch, py, px, f], zero outside the input.
 up_conv, up_conv_input_grad, up_conv_weight_grad = _bilinear(

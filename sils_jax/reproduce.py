@@ -1,6 +1,6 @@
 """Trains and evaluates the synthetic experiments of paper Sec. 5.2-5.4 and writes a table.
 
-  python -m benchmarks.reproduce_synthetic --workdir=runs/repro [--quick] [--steps=N]
+  python -m sils_jax.reproduce --workdir=runs/repro [--quick] [--steps=N]
       [--experiments=full,no_ss,no_cc,supervised] [--seeds=0,1,2] [--three_layers]
 
 Experiments (each a `python -m sils_jax.main` run, then `python -m sils_jax.evaluate`):
@@ -21,6 +21,11 @@ command can be re-run after an interruption. Writes WORKDIR/results.md and
 WORKDIR/results.json (of this command's runs; `--summary` tabulates every finished run in
 WORKDIR instead, training nothing): test MSE x100 per layer on the config's test set (1000 images at
 paper settings), next to the x/N and zero baselines on the same images.
+
+The runs use the config files of the source tree's ``configs/`` directory (next to the
+``sils_jax`` package: a clone, or an editable install) and run in that tree; an install
+without the source tree has no configs, and the command says so. ``--workdir`` is
+relative to the directory the command is started in.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source tree: configs/, sils_jax/
 PAPER = {"full": (0.289, 0.274)}  # Sec. 5.2, MSE x100 square / circle
 
 
@@ -70,6 +75,14 @@ def run_name(name: str, args) -> str:
   tag = args.tag or "_".join("".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in kv).strip("-")
                              for kv in args.set)
   return f"{name}_{tag}" if tag else name
+
+
+def check_configs(root: str = ROOT) -> None:
+  """Exits with a message unless ``root`` holds the config this command trains with."""
+  if not os.path.isfile(os.path.join(root, "configs", "synthetic.py")):
+    raise SystemExit(f"sils_jax.reproduce needs the source tree's configs/synthetic.py, which is not in {root} "
+                     "(sils_jax installed without its source tree?): run it from a clone of the repository, "
+                     "or install that clone with `pip install -e .`")
 
 
 def run(name: str, seed: int, args) -> dict:
@@ -157,7 +170,7 @@ def write(workdir: str, results: dict) -> str:
   return md
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--quick", action="store_true", help="64x64 quick config (CPU-sized)")
@@ -169,10 +182,12 @@ def main():
   p.add_argument("--tag", default="", help="run-directory suffix for --set runs (default: from --set)")
   p.add_argument("--summary", action="store_true",
                  help="train nothing: tabulate every finished run under --workdir (all experiments, seeds, --set tags)")
-  args = p.parse_args()
+  args = p.parse_args(argv)
+  args.workdir = os.path.abspath(args.workdir)  # the runs' processes work in ROOT
   if args.summary:
     print(write(args.workdir, collect(args.workdir)))
     return
+  check_configs()
   results = {}
   for name in args.experiments.split(","):
     for seed in (int(s) for s in args.seeds.split(",")):

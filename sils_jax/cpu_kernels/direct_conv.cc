@@ -1,5 +1,5 @@
 // Direct CPU convolutions (NHWC float32 activations, HWIO kernels) with their input and
-// weight gradients, as XLA FFI handlers, loaded by sils_jax/models/direct_conv.py, which
+// weight gradients, as XLA FFI handlers, loaded by sils_jax/cpu_kernels/ffi.py, which
 // compiles this file once per machine (-O3 -march=native):
 //   - 3x3 stride-1 'SAME' to 1-3 output channels from 16k input channels (the decoder's
 //     output conv, 16 -> 3);
@@ -127,7 +127,7 @@ inline void sum_partials(const float* partial, int64_t chunks, int64_t size, flo
 // The weight gradients keep one partial (the kernel's size) per chunk: at most this many
 // chunks, with more rows each for large inputs, to bound that memory. 16 rather than 64:
 // fewer partials to write and add, 0.77-0.97 of the weight gradients' time where it
-// changed their chunks (benchmarks/ab_kernel_builds.py, 2026-12-07); a fixed count, so
+// changed their chunks (benchmarks/README.md); a fixed count, so
 // the sums do not depend on the thread count.
 constexpr int64_t kMaxGradChunks = 16;
 inline int64_t grad_rows_per_chunk(int64_t rows) {
@@ -332,7 +332,7 @@ ffi::Error DwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 
 // ---------------------------------------------------------------------------------
 // The decoder's up-convs: ConvTranspose(F, (4, 4), strides (2, 2), 'SAME') in the phase
-// form of sils_jax/models/upsample.py. With K = phase_kernel(kernel) as (2, 2, C, 2, 2,
+// form of sils_jax/cpu_kernels/upconv.py. With K = phase_kernel(kernel) as (2, 2, C, 2, 2,
 // F), indices (a, c, ch, py, px, f), output pixel (2m + py, 2n + px) of an H x W input is
 //   y[2m + py, 2n + px, f] = sum over a, c, ch of x[m + py + a - 1, n + px + c - 1, ch]
 //                            K[a, c, ch, py, px, f],

@@ -1,88 +1,35 @@
-"""2-D convolution as XLA's convolution, as patches x matrix (im2col) or as Winograd's
-F(2x2, 2x2), same maths.
+"""2-D convolution on the CPU as patches x matrix (im2col), as Winograd's F(2x2, 2x2),
+or in the direct FFI kernels (``ffi.py``): the same maths as ``nn.Conv``.
 
 XLA:CPU runs convolutions, and above all their weight gradients, slowly when the
-feature map is small and the channels many: a 3x3 conv of a 2x2x256 map to 512
-channels took 20 ms forward + backward on our 2-core CPU, against 2.8 ms for the
-same product written as one matrix multiply over the 9 shifted input slices
-(``benchmarks/README.md``, "Training step: JAX against PyTorch"). On large maps XLA's own
-convolution is faster (the patches cost memory traffic), and on GPUs cuDNN is.
+feature map is small and the channels many; written as one matrix product over the
+shifted input windows they run several times faster (benchmarks/README.md).
 
-``impl``:
-  'xla'     ``lax.conv_general_dilated``.
-  'matmul'  matrix products (``window_matmul``): a stride-s conv whose kernel s
-            divides runs as a stride-1 conv of the input's space-to-depth blocks;
-            then a conv that widens the channels (C <= F) is its patch matrix (the
-            input's shifted windows side by side) times the kernel, and one that
-            narrows them (C > F) applies every tap first (input @ (C, k*k*F)) and
-            adds the shifted results, with no k*k*C-wide patch matrix. The input
-            gradient is either the patch gradient added back or a correlation of
-            the output gradient, whichever moves fewer channels. All of these are
-            written out in a ``custom_vjp`` whose backward pass is differentiable
-            again (the discriminators' R1 penalty). The linear rearrangements they
-            are built from (``_patches`` and its adding-back ``_col2im``, the shift
-            form's ``_shifted_sum``, Winograd's transforms) come in pairs, each the
-            other's transpose and custom VJP. Autodiff's transpose of a slice is a
-            zero-padded tensor of the full size, so its transpose of a gather of
-            k taps added k full-size tensors where one stacked write does; the R1
-            penalty's second-order gradient runs through every one of them
-            (benchmarks/README.md: the step in 0.92-0.95 of the time, same values).
-  'xla_pad' XLA's convolution with the input channels zero-padded (input and kernel)
-            to a multiple of 4 (8 for 16-bit dtypes): same values, and the shape
-            cuDNN's tensor-core kernels need. On an H200 the 3-channel first convs of
-            the encoders ran as an NCHW 'indexed' TF32 kernel taking 10.1 of the
-            33.5 ms batch-64 step (benchmarks/README.md); this form is not timed on a
-            GPU yet, so 'auto' does not pick it.
-  'winograd' 'matmul', except for the 4x4 stride-2 float32 convs with at least
-            ``WINOGRAD_MIN_CHANNELS`` input channels that do not narrow them, over at
-            least ``WINOGRAD_MIN_POSITIONS`` output positions (at 128x128, batch 8:
-            the encoders' second and third convs and the discriminators' second and
-            third, the step's costliest: they also run in the R1 penalty's
-            second-order gradient). Those run as Winograd's F(2x2, 2x2)
-            (``winograd_2x2``) on their space-to-depth blocks: 9 products per 2x2
-            output tile instead of 16, so 9/16 of the multiply-adds, in one batched
-            matrix product; the transforms add and subtract only. In one process,
-            128x128, batch 8: 0.91-0.94 of the 'matmul' step (benchmarks/README.md).
-            Smaller maps (every conv at batch 1) and the up-convs measured slower in
-            this form, so they keep 'matmul'; the thin output conv takes ``_thin_conv``, as
-            with 'auto'.
-  'direct'  'winograd', except for the convs the direct-conv CPU kernels take
-            (``direct_conv.py``, C++ through XLA's FFI, reading each input window in
-            place): the decoder's output conv (``direct_conv.supports``: 3x3, stride
-            1, 16k -> 1-3 channels), its up-convs with 16-128 input channels
-            (``upsample.phase_conv_transpose``) and the 4x4 stride-2 convs of
-            even-sized inputs with 16k input and output channels, or 1-4 input
-            channels and 16, 32 or 64 outputs (the first convs, on images)
-            (``_strided_direct_pays``: all of them but where Winograd pays over fewer
-            than ``DIRECT_OVER_WINOGRAD_POSITIONS`` positions). In one process at
-            128x128 the step took 0.78 of 'winograd''s time at batch 8 and 0.94 at
-            batch 1 with the decoder's kernels, then 0.90 and 0.94 of that with the
-            strided ones, then 0.96 of that at both batch sizes with the first convs
-            (benchmarks/README.md). Float32 on the CPU backend only; a clear error if
-            the kernels cannot be built.
-  'auto'    'direct' on the CPU backend where the kernels built (else 'winograd': one
-            warning says why); 'xla' on every other backend. Without the kernels, and
-            in a process where glibc does not keep freed memory
-            (``sils_jax/cpu_memory.py``; ``python -m sils_jax.main`` does keep it),
-            convolutions to few channels (< ``MATMUL_MIN_FEATURES``) over many output
-            positions (batch x height x width > ``MATMUL_MAX_THIN_POSITIONS``; the
-            output conv at 128x128 and batch 8) run differently: stride-1 ones their
-            forward in the matrix form (the shift form) and their gradients as XLA's
-            convolutions (``_thin_conv``), others XLA's convolution. At 131072
-            positions XLA's convolution ran the 16 -> 3 channel output conv's forward
-            in 8.1 ms against 2.5 for the shift form, but its gradients in 10.4 ms
-            against 16.7 for the matrix form's, whose large temporaries are faulted in
-            afresh on every call; with freed memory kept they took 8.1 ms, and in the
-            step the matrix form beat ``_thin_conv`` in 20 of 20 rounds
-            (benchmarks/README.md).
+Which form a conv takes (``Rules``, a frozen value):
+  direct    where the FFI kernels are loaded and support it (``ffi.supports``,
+            ``ffi.supports_strided``), except the 4x4 stride-2 convs where Winograd
+            pays over fewer than ``direct_over_winograd_positions`` output positions.
+  winograd  4x4 stride-2 float32 convs with >= ``winograd_min_channels`` input
+            channels that do not narrow them, over >= ``winograd_min_positions``
+            output positions: Winograd's F(2x2, 2x2) on their space-to-depth blocks,
+            9/16 of the multiply-adds (``winograd_2x2``).
+  matrix    every other conv: a stride-s conv whose kernel s divides runs as a
+            stride-1 conv of the input's space-to-depth blocks; a conv that widens the
+            channels (C <= F) is its patch matrix times the kernel, one that narrows
+            them (C > F) applies every tap first and adds the shifted results. The
+            gradients are written out in ``custom_vjp``s whose backward passes are
+            differentiable again (the discriminators' R1 penalty), and every linear
+            rearrangement comes with its hand-written transpose (``transpose_pair``):
+            autodiff's transpose of k slices adds k full-size zero-padded tensors.
 
-All forms use the same kernel (kh, kw, Cin, Cout) and padding, so parameters, checkpoints
-and results are interchangeable (``tests/test_models.py`` checks values, gradients
-and second-order gradients of every form).
+Every form uses nn.Conv's kernel (kh, kw, Cin, Cout) and padding, so parameters and
+checkpoints are interchangeable (tests/test_cpu_kernels.py checks values, gradients
+and second-order gradients against ``nn.Conv``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -90,37 +37,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sils_jax import cpu_memory
-from sils_jax.models import direct_conv
+from sils_jax.cpu_kernels import ffi
 
-IMPLS = ("auto", "xla", "matmul", "xla_pad", "winograd", "direct")
-# From the per-layer sweep in benchmarks/README.md (every conv of the synthetic model
-# at 64/128 px, batch 1/8): the matrix form was faster for most layers (up to 15x for
-# small maps with many channels) and clearly slower only for the 3-channel output
-# conv at >= 32768 positions (2-4x), on 2026-11-27; see below for the output conv now.
-MATMUL_MIN_FEATURES = 8
-# Re-measured 2026-12-06 for the 16 -> 3 output conv, forward + gradients, after the
-# hand-written transposes (`conv_sweep.py --thin`): the matrix form was faster up to
-# 65536 positions (batch 4 at 128x128: 5.2 against 11.5 ms; 32768: 2.3-3.0 against
-# 5.4-8.8 ms), slower at 131072 (19.2 against 18.5 ms), where '_thin_conv' took 14.4.
-MATMUL_MAX_THIN_POSITIONS = 65536
-# 'winograd' (benchmarks/README.md; `conv_sweep.py --winograd`): per layer (gradients,
-# and the R1 penalty's second-order gradient for the discriminators; 128x128, batch 8)
-# Winograd took 0.52 and 0.62 of 'matmul''s time for the discriminators' second and
-# third convs and 0.76-0.89 for the encoders' second to fourth, and lost for the
-# 3-channel first convs (1.17-1.59x) and the narrowing fourth discriminator conv. In
-# the step, taking it down to 256 positions (every such conv at batch 1 too) made
-# batch 1 slower (1.13x); from 2048 positions batch 8 ran at 0.91-0.94 and batch 1 is
-# unchanged.
-WINOGRAD_MIN_CHANNELS = 16
-WINOGRAD_MIN_POSITIONS = 2048
-# 'direct' / 'auto' with the kernels (direct_conv.strided_conv), per layer, gradients (and
-# R1's second order for the discriminators), 128x128, in one process, direct / before:
-# batch 8: encoder 16->32 0.87, 32->64 1.05, 64->128 0.78, 128->256 0.83; discriminator
-# 32->64 0.87 (R1 0.85), 64->128 1.29 (1.26), 128->32 0.68 (0.70); batch 1: 0.53-0.96
-# for every one. The two that lose are Winograd's at 2048 positions; at 8192 (the
-# second convs) the kernels win against Winograd too.
-DIRECT_OVER_WINOGRAD_POSITIONS = 8192
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """Which CPU form each conv takes (module doc); thresholds from the per-layer
+  sweeps in benchmarks/README.md. Frozen: modules hold it as a field."""
+  direct: bool = False  # the FFI kernels (only once ``ffi.load()`` succeeded)
+  winograd: bool = True
+  winograd_min_channels: int = 16
+  winograd_min_positions: int = 2048
+  direct_over_winograd_positions: int = 8192
 
 
 def _pads(size: int, k: int, s: int, padding) -> tuple[int, int]:
@@ -133,50 +61,20 @@ def _pads(size: int, k: int, s: int, padding) -> tuple[int, int]:
   raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
 
 
-def resolve_impl(impl: str, positions: int, features: int) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"config.conv_impl must be one of {IMPLS}, got {impl!r}")
-  if impl not in ("auto", "winograd"):
-    return impl
-  if impl == "auto" and jax.default_backend() != "cpu":
-    return "xla"
-  thin = (features < MATMUL_MIN_FEATURES and positions > MATMUL_MAX_THIN_POSITIONS
-          and not cpu_memory.kept())
-  return "thin" if thin else "winograd"
-
-
-def _strided_direct_pays(x_shape, kernel_shape, strides, padding, *dtypes) -> bool:
-  """Whether a 4x4 stride-2 conv runs as ``direct_conv.strided_conv``: where the
-  kernels support it, except where Winograd pays over fewer than
-  ``DIRECT_OVER_WINOGRAD_POSITIONS`` output positions (the encoders' and
-  discriminators' third convs at 128x128, batch 8: Winograd's 9/16 of the products
-  beat the kernels there; module doc)."""
+def _strided_direct_pays(x_shape, kernel_shape, strides, padding, rules: Rules, *dtypes) -> bool:
+  """Whether a 4x4 stride-2 conv runs as ``ffi.strided_conv``: where the kernels
+  support it, except where Winograd pays over few positions (module doc)."""
   b, h, w, _ = x_shape
-  if not all(direct_conv.supports_strided(x_shape, kernel_shape, strides, padding, d) for d in dtypes):
+  if not (rules.direct and all(ffi.supports_strided(x_shape, kernel_shape, strides, padding, d) for d in dtypes)):
     return False
   positions = b * (h // 2) * (w // 2)
-  return not (_winograd_pays(kernel_shape, strides, positions, dtypes[0])
-              and positions < DIRECT_OVER_WINOGRAD_POSITIONS)
-
-
-def takes_direct(impl: str, supported: bool) -> bool:
-  """Whether a conv the direct-conv kernels support (``supported``) runs in them:
-  with 'direct', and with 'auto' on the CPU backend where they built."""
-  if impl not in ("auto", "direct") or (impl == "auto" and jax.default_backend() != "cpu") or not supported:
-    return False
-  if impl == "direct" and jax.default_backend() != "cpu":
-    raise ValueError(f"config.conv_impl='direct' runs CPU kernels, but the backend is {jax.default_backend()!r} "
-                     "(conv_impl='auto' picks cuDNN / XLA there)")
-  if impl == "direct" and not direct_conv.available():
-    raise ValueError("config.conv_impl='direct' needs the direct-conv CPU kernels, which could not be "
-                     f"built or loaded: {direct_conv.unavailable_reason()} (conv_impl='auto' falls back "
-                     "to XLA's forms)")
-  return direct_conv.available()
+  return not (_winograd_pays(kernel_shape, strides, positions, dtypes[0], rules)
+              and positions < rules.direct_over_winograd_positions)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: str = "SAME",
-           impl: str = "auto") -> jax.Array:
-  """NHWC input, HWIO kernel -> NHWC output."""
+           rules: Rules = Rules()) -> jax.Array:
+  """NHWC input, HWIO kernel -> NHWC output, in the form ``rules`` picks."""
   kh, kw, cin, cout = kernel.shape
   b, h, w, c = x.shape
   if c != cin:
@@ -184,22 +82,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   sh, sw = strides
   (pt, pb), (pl, pr) = _pads(h, kh, sh, padding), _pads(w, kw, sw, padding)
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-  if takes_direct(impl, all(direct_conv.supports(kernel.shape, strides, padding, d) for d in (x.dtype, kernel.dtype))):
-    return direct_conv.conv3x3(x, kernel)
-  if takes_direct(impl, _strided_direct_pays(x.shape, kernel.shape, strides, padding, x.dtype, kernel.dtype)):
-    return direct_conv.strided_conv(x, kernel)
-  resolved = resolve_impl("winograd" if impl == "direct" else impl, b * ho * wo, cout)
-  if resolved == "xla_pad":
-    extra = -cin % (8 if jnp.dtype(x.dtype).itemsize == 2 else 4)
-    if extra:  # zero channels in the input meet zero rows of the kernel: same sums
-      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
-      kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
-    resolved = "xla"
-  if resolved == "thin" and (sh, sw) == (1, 1):
-    return _thin_conv(x, kernel, ((pt, pb), (pl, pr)))
-  if resolved in ("xla", "thin"):
-    return _xla_conv(x, kernel, tuple(strides), ((pt, pb), (pl, pr)))
-  wino = resolved == "winograd" and _winograd_pays(kernel.shape, strides, b * ho * wo, x.dtype)
+  if rules.direct and all(ffi.supports(kernel.shape, strides, padding, d) for d in (x.dtype, kernel.dtype)):
+    return ffi.conv3x3(x, kernel)
+  if _strided_direct_pays(x.shape, kernel.shape, strides, padding, rules, x.dtype, kernel.dtype):
+    return ffi.strided_conv(x, kernel)
+  wino = rules.winograd and _winograd_pays(kernel.shape, strides, b * ho * wo, x.dtype, rules)
   if kh == kw == 1 and sh == sw == 1:
     return x @ kernel.reshape(cin, cout)
   if (sh, sw) != (1, 1) and kh % sh == 0 and kw % sw == 0:
@@ -213,38 +100,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _thin_conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
-  """A stride-1 conv to few channels over many positions: the forward as
-  ``window_matmul`` (for the output conv, 16 -> 3 channels, the shift form), the
-  gradients as XLA's convolution's (module doc, 'auto'). Same values as either."""
-  kh, kw, cin, cout = kernel.shape
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  return window_matmul(xp, kernel.reshape(kh * kw * cin, cout), kh, kw, 1)
-
-
-def _thin_conv_fwd(x, kernel, pads):
-  return _thin_conv(x, kernel, pads), (x, kernel)
-
-
-def _thin_conv_bwd(pads, res, dy):
-  # differentiable again: XLA's convolutions' transposes are convolutions
-  return jax.vjp(lambda x, k: _xla_conv(x, k, (1, 1), pads), *res)[1](dy)
-
-
-_thin_conv.defvjp(_thin_conv_fwd, _thin_conv_bwd)
-
-
-def _winograd_pays(kernel_shape: Sequence[int], strides: Sequence[int], positions: int, dtype) -> bool:
-  """Whether 'winograd' runs this conv as ``winograd_2x2`` (the rule and its
-  measurements: the module doc and the thresholds' comment above)."""
+def _winograd_pays(kernel_shape: Sequence[int], strides: Sequence[int], positions: int, dtype,
+                   rules: Rules) -> bool:
+  """Whether this conv runs as ``winograd_2x2`` (module doc)."""
   kh, kw, cin, cout = kernel_shape
-  return ((kh, kw) == (4, 4) and tuple(strides) == (2, 2) and cin >= WINOGRAD_MIN_CHANNELS
-          and cout >= cin and positions >= WINOGRAD_MIN_POSITIONS and jnp.dtype(dtype).itemsize == 4)
+  return ((kh, kw) == (4, 4) and tuple(strides) == (2, 2) and cin >= rules.winograd_min_channels
+          and cout >= cin and positions >= rules.winograd_min_positions and jnp.dtype(dtype).itemsize == 4)
 
 
 def _strided_as_space_to_depth(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -523,25 +384,27 @@ _window_matmul.defvjp(_window_matmul_fwd, _window_matmul_bwd)
 
 
 class Conv(nn.Module):
-  """``nn.Conv`` with a choice of implementation; the same parameters ('kernel', 'bias')."""
+  """``nn.Conv`` (no dilation, groups or masks) in the CPU forms of ``rules``: the same
+  parameters ('kernel', 'bias'), initialisers and call."""
 
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
   padding: str = "SAME"
   use_bias: bool = True
-  impl: str = "auto"
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  rules: Rules = Rules()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init,
                         tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype or x.dtype
-    y = conv2d(x.astype(dtype), kernel.astype(dtype), self.strides, self.padding, self.impl)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    y = conv2d(x.astype(dtype), kernel.astype(dtype), strides, self.padding, self.rules)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
     return y

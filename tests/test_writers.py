@@ -1,9 +1,11 @@
-"""Metric writers (JSON lines, PNG, hparams; TensorBoard only where TensorFlow imports),
-the progress reporter and the profiling window."""
+"""Metric writers (JSON lines, PNG, hparams; TensorBoard event files through tensorboardX,
+without TensorFlow), the progress reporter and the profiling window."""
 
+import glob
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _lines(path):
   with open(path) as f:
     return [json.loads(line) for line in f.read().splitlines()]
+
+
+def _read_events(logdir):
+  """Every ``Event`` of the event files in ``logdir``, parsed from the TFRecord framing
+  (8-byte little-endian length, 4-byte masked crc32c of it, data, 4-byte crc of the data)
+  with tensorboardX's own protobufs: no TensorFlow or tensorboard package needed."""
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+  files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
+  assert files, f"no event file in {logdir}: {os.listdir(logdir)}"
+  events = []
+  for path in files:
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      header = data[pos:pos + 8]
+      (length,) = struct.unpack("<Q", header)
+      (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+      assert length_crc == masked_crc32c(header), f"{path}: bad length crc at {pos}"
+      body = data[pos + 12:pos + 12 + length]
+      (body_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+      assert len(body) == length and body_crc == masked_crc32c(body), f"{path}: bad record"
+      events.append(event_pb2.Event.FromString(body))
+      pos += 16 + length
+  return events
+
+
+def _summary_values(events):
+  """(step, Summary.Value) of every summary value, in file order."""
+  return [(e.step, v) for e in events if e.HasField("summary") for v in e.summary.value]
 
 
 # ---------------------------------------------------------------- scalars
@@ -152,27 +185,85 @@ def test_multi_writer_forwards_every_call_in_order():
                    ("a", "flush"), ("b", "flush")]  # close() = flush() by default
 
 
-def test_tensorboard_adapter_adds_batch_axis_and_casts():
-  got = {}
+def test_tensorboard_writer_passes_hwc_uint8_images_and_finite_floats(tmp_path, caplog):
+  got = []
 
-  class FakeClu:
-    def write_scalars(self, step, scalars):
-      got["scalars"] = (step, scalars)
+  class FakeSummaryWriter:
+    def add_scalar(self, tag, value, global_step):
+      got.append(("scalar", tag, value, global_step))
 
-    def write_images(self, step, images):
-      got["images"] = (step, images)
+    def add_image(self, tag, image, global_step, dataformats):
+      got.append(("image", tag, image, global_step, dataformats))
 
-    def write_hparams(self, hparams):
-      got["hparams"] = hparams
+    def flush(self):
+      got.append(("flush",))
 
-  tb = writers.TensorBoardWriter(FakeClu())
-  tb.write_scalars(np.int32(3), {"a": np.float32(0.5)})
-  tb.write_images(3, {"x": np.ones((4, 5, 3), np.float32)})
-  tb.write_hparams({"o": {"lr": 0.1}})
-  assert got["scalars"] == (3, {"a": 0.5}) and type(got["scalars"][1]["a"]) is float
-  img = got["images"][1]["x"]
-  assert img.shape == (1, 4, 5, 3) and img.dtype == np.uint8 and img.min() == 255
-  assert got["hparams"] == {"o.lr": 0.1}
+    def close(self):
+      got.append(("close",))
+
+  tb = writers.TensorBoardWriter(str(tmp_path / "tb"))
+  tb.summary_writer.close()
+  tb.summary_writer = FakeSummaryWriter()
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    tb.write_scalars(np.int32(3), {"a": np.float32(0.5), "eval/m": 2, "step": 3, "eval/step": 3,
+                                   "bad": float("nan")})
+    tb.write_scalars(4, {"bad": np.float32("inf")})
+  assert got == [("scalar", "a", 0.5, 3), ("scalar", "eval/m", 2.0, 3)]
+  assert all(type(g[2]) is float and type(g[3]) is int for g in got)
+  assert sum("'bad'" in r.getMessage() for r in caplog.records) == 1  # one warning per tag
+  with pytest.raises(ValueError, match="scalar 'v'"):
+    tb.write_scalars(5, {"v": np.zeros(2)})
+  got.clear()
+  tb.write_images(3, {"x": np.ones((1, 4, 5, 3), np.float32)})
+  (kind, tag, img, step, fmt), flush = got
+  assert (kind, tag, step, fmt, flush) == ("image", "x", 3, "HWC", ("flush",))
+  assert img.shape == (4, 5, 3) and img.dtype == np.uint8 and img.min() == 255
+  got.clear()
+  tb.write_images(4, {"gray": np.full((2, 3, 1), 9, np.uint8)})
+  np.testing.assert_array_equal(got[0][2], np.full((2, 3, 3), 9, np.uint8))
+  got.clear()
+  with tb:
+    pass
+  assert got == [("close",)]
+
+
+def test_auto_writes_tensorboard_events_that_read_back(tmp_path):
+  rng = np.random.default_rng(0)
+  grid = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+  with writers.make_writer(str(tmp_path), tensorboard="auto") as w:
+    assert isinstance(w, writers.MultiWriter)
+    assert [type(x) for x in w.writers] == [writers.FileWriter, writers.TensorBoardWriter]
+    w.write_hparams({"lr": 1e-4, "nested": {"b": (1, 2)}, "name": "x"})
+    w.write_scalars(7, {"g_total": np.float32(0.5), "eval/mse100_mean": 0.25, "nan": np.nan})
+    w.write_scalars(9, {"g_total": 0.125})
+    w.write_images(9, {"separation": grid, "float": np.zeros((1, 3, 4, 3), np.float32)})
+  # the files are unchanged by the TensorBoard writer next to them
+  assert _lines(tmp_path / "train_metrics.jsonl")[1:] == [{"step": 9, "g_total": 0.125}]
+  assert _lines(tmp_path / "eval_metrics.jsonl") == [{"step": 7, "mse100_mean": 0.25}]
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(tmp_path / "samples" / "separation_0000009.png")), grid)
+
+  values = _summary_values(_read_events(str(tmp_path / "tensorboard")))
+  scalars = [(step, v.tag, v.simple_value) for step, v in values if v.HasField("simple_value")]
+  assert scalars == [(7, "g_total", 0.5), (7, "eval/mse100_mean", 0.25), (9, "g_total", 0.125)]
+  images = {v.tag: (step, v.image) for step, v in values if v.HasField("image")}
+  assert sorted(images) == ["float", "separation"]
+  step, image = images["separation"]
+  assert (step, image.height, image.width, image.colorspace) == (9, 6, 10, 3)
+  assert images["float"][1].height == 3 and images["float"][1].width == 4
+  import io
+  np.testing.assert_array_equal(  # PNG-encoded, losslessly
+      np.asarray(Image.open(io.BytesIO(image.encoded_image_string))), grid)
+  tags = {v.tag: v for _, v in values}
+  assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(tags)
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+  start = HParamsPluginData.FromString(
+      tags["_hparams_/session_start_info"].metadata.plugin_data.content).session_start_info
+  assert start.hparams["lr"].number_value == 1e-4
+  assert start.hparams["nested.b"].string_value == "[1, 2]"
+  assert start.hparams["name"].string_value == "x"
+  text = tags["hparams/text_summary"].tensor.string_val[0].decode()
+  assert '"lr": 0.0001' in text and '"name": "x"' in text
 
 
 def test_bad_tensorboard_mode_raises(tmp_path):
@@ -180,20 +271,35 @@ def test_bad_tensorboard_mode_raises(tmp_path):
     writers.make_writer(str(tmp_path), tensorboard="yes")
 
 
-def test_tensorboard_on_without_tensorflow_raises_clearly(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if not installed
-  with pytest.raises(ImportError, match="tensorboard='on'.*needs TensorFlow.*'auto' or 'off'"):
+def test_tensorboard_on_without_tensorboardx_raises_clearly(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if not installed
+  with pytest.raises(ImportError, match="config.tensorboard='on' needs tensorboardX.*"
+                                        "config.tensorboard='auto' or 'off'"):
     writers.make_writer(str(tmp_path / "run"), tensorboard="on")
   assert not (tmp_path / "run").exists()  # nothing created before the error
 
 
-def test_auto_without_tensorflow_logs_one_line_and_writes_files(tmp_path, monkeypatch, caplog):
-  monkeypatch.setitem(sys.modules, "tensorflow", None)
+def test_auto_without_tensorboardx_warns_once_and_writes_files(tmp_path, monkeypatch, caplog):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)
   with caplog.at_level(logging.INFO, logger="absl"):
     w = writers.make_writer(str(tmp_path), tensorboard="auto")
   assert isinstance(w, writers.FileWriter)
-  msgs = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
-  assert len(msgs) == 1 and "TensorFlow is not installed" in msgs[0]
+  msgs = [r for r in caplog.records if "TensorBoard" in r.getMessage()]
+  assert len(msgs) == 1 and msgs[0].levelno == logging.WARNING
+  assert "tensorboardX" in msgs[0].getMessage()
+  with w:
+    w.write_scalars(3, {"a": 1.0, "eval/m": 0.5})
+    w.write_images(3, {"grid": np.zeros((2, 2, 3), np.uint8)})
+  assert _lines(tmp_path / "train_metrics.jsonl") == [{"step": 3, "a": 1.0}]
+  assert _lines(tmp_path / "eval_metrics.jsonl") == [{"step": 3, "m": 0.5}]
+  assert (tmp_path / "samples" / "grid_0000003.png").exists()
+  assert not (tmp_path / "tensorboard").exists()
+
+
+def test_off_writes_no_tensorboard(tmp_path):
+  with writers.make_writer(str(tmp_path), tensorboard="off") as w:
+    w.write_scalars(1, {"a": 1.0})
+  assert not (tmp_path / "tensorboard").exists()
 
 
 _NO_TF_SCRIPT = textwrap.dedent("""
@@ -212,11 +318,12 @@ _NO_TF_SCRIPT = textwrap.dedent("""
     import numpy as np
     from sils_jax.training import writers
     out = {"after_import": list(attempts),
-           "heavy": sorted(m for m in ("jax", "clu.metric_writers", "clu.periodic_actions")
-                           if m in sys.modules)}
+           "heavy": sorted(m for m in ("jax", "clu.metric_writers", "clu.periodic_actions",
+                                       "tensorboardX") if m in sys.modules)}
     w = writers.make_writer(sys.argv[1] + "/off", tensorboard="off")
     w.write_scalars(1, {"a": 1.0})
     out["after_off"] = list(attempts)
+    out["tbx_after_off"] = "tensorboardX" in sys.modules
     w = writers.make_writer(sys.argv[1] + "/auto", tensorboard="auto")
     out["auto_type"] = type(w).__name__
     w.write_scalars(5, {"a": 0.5, "eval/m": 0.25})
@@ -225,41 +332,35 @@ _NO_TF_SCRIPT = textwrap.dedent("""
     w.close()
     out["after_auto"] = list(attempts)
     out["clu_writers_loaded"] = "clu.metric_writers" in sys.modules
+    out["tensorflow_loaded"] = any(m.split(".")[0] == "tensorflow" for m in sys.modules)
     print(json.dumps(out))
 """)
 
 
-def test_without_tensorflow_import_is_cheap_off_never_tries_tf_and_auto_falls_back(tmp_path):
+def test_without_tensorflow_import_is_cheap_and_auto_writes_tensorboard(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, str(tmp_path)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout.splitlines()[-1])
   assert out["after_import"] == [] and out["heavy"] == []
-  assert out["after_off"] == []  # "off" never tries TensorFlow
-  assert out["after_auto"] == ["tensorflow"] and out["auto_type"] == "FileWriter"
-  assert not out["clu_writers_loaded"]
+  assert out["after_off"] == [] and not out["tbx_after_off"]  # "off" imports neither
+  assert out["after_auto"] == []  # tensorboardX never tries TensorFlow
+  assert out["auto_type"] == "MultiWriter"
+  assert not out["clu_writers_loaded"] and not out["tensorflow_loaded"]
   assert _lines(tmp_path / "off" / "train_metrics.jsonl") == [{"step": 1, "a": 1.0}]
+  assert not (tmp_path / "off" / "tensorboard").exists()
   auto = tmp_path / "auto"
   assert _lines(auto / "train_metrics.jsonl") == [{"step": 5, "a": 0.5}]
   assert _lines(auto / "eval_metrics.jsonl") == [{"step": 5, "m": 0.25}]
   np.testing.assert_array_equal(np.asarray(Image.open(auto / "samples" / "grid_0000005.png")),
                                 np.full((3, 4, 3), 7, np.uint8))
   assert json.loads((auto / "hparams.json").read_text()) == {"lr": 0.1}
-  assert not (auto / "tensorboard").exists()
-
-
-def test_with_tensorflow_auto_also_writes_tensorboard(tmp_path):
-  pytest.importorskip("tensorflow")
-  w = writers.make_writer(str(tmp_path), tensorboard="auto")
-  assert isinstance(w, writers.MultiWriter)
-  w.write_scalars(1, {"a": 1.0, "eval/m": 2.0})
-  w.write_images(1, {"grid": np.zeros((4, 4, 3), np.uint8)})
-  w.write_hparams({"lr": 0.1, "nested": {"b": (1, 2)}})
-  w.close()
-  assert _lines(tmp_path / "train_metrics.jsonl") == [{"step": 1, "a": 1.0}]
-  assert any(f.startswith("events.out.tfevents")
-             for f in os.listdir(tmp_path / "tensorboard"))
+  values = _summary_values(_read_events(str(auto / "tensorboard")))
+  assert [(s, v.tag, v.simple_value) for s, v in values if v.HasField("simple_value")] == [
+      (5, "a", 0.5), (5, "eval/m", 0.25)]
+  assert [(v.tag, v.image.height, v.image.width) for _, v in values if v.HasField("image")] == [
+      ("grid", 3, 4)]
 
 
 # ----------------------------------------------------------------- progress

@@ -1,18 +1,16 @@
 """Metric writers, a progress reporter and a profiling window, all without TensorFlow.
 
-A run's metrics always go to plain files in its workdir (no TensorFlow needed, which our
-accelerator hosts do not have):
+A run's metrics always go to plain files in its workdir:
 
   WORKDIR/train_metrics.jsonl   one JSON object per ``write_scalars`` call: {"step": s, ...}
   WORKDIR/eval_metrics.jsonl    the same for keys written as "eval/<name>" (prefix stripped)
   WORKDIR/samples/<name>_<step:07d>.png
   WORKDIR/hparams.json
 
-``sils_jax.plots`` reads the two JSON-lines files. Where TensorFlow imports, ``make_writer``
-adds clu's TensorBoard writer (``WORKDIR/tensorboard``) next to the files. clu's
-``metric_writers`` and ``periodic_actions`` import TensorFlow when imported, so this
-module imports clu only inside ``make_writer`` and only after TensorFlow has imported;
-``Progress`` stands in for ``clu.periodic_actions.ReportProgress``.
+``sils_jax.plots`` reads the two JSON-lines files. TensorBoard event files (scalars, sample
+images, hparams) go to ``WORKDIR/tensorboard`` through tensorboardX, a pure-Python writer:
+TensorFlow (which clu's ``metric_writers`` imports, and our accelerator hosts lack) is never
+needed. ``Progress`` stands in for ``clu.periodic_actions.ReportProgress`` for the same reason.
 """
 
 from __future__ import annotations
@@ -169,28 +167,66 @@ class MultiWriter(Writer):
 
 
 class TensorBoardWriter(Writer):
-  """Adapts a clu ``MetricWriter`` (TensorBoard) to the inputs ``FileWriter`` accepts:
-  images get their batch axis [1, H, W, C] as uint8; scalars become floats; hparams are
-  flattened to bool/int/float/str values (what TensorBoard's hparams plugin takes)."""
+  """TensorBoard event files under ``logdir`` through ``tensorboardX.SummaryWriter``.
 
-  def __init__(self, clu_writer):
-    self.clu_writer = clu_writer
+  Takes what ``FileWriter`` takes: scalars keep their keys as tags ("eval/<name>" included;
+  a key "step" or "eval/step" is dropped) and are written only when finite (NaN / inf are
+  skipped, with one warning per tag); images become HxWx3 uint8 (``to_uint8_image``);
+  hparams go both to the hparams plugin (flattened to bool/float/str values) and, as JSON,
+  to the text tag "hparams". ``close`` flushes and closes the event file.
+
+  Raises ImportError (from the constructor) if tensorboardX does not import.
+  """
+
+  def __init__(self, logdir: str, flush_secs: int = 30):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.logdir = os.fspath(logdir)
+    self.summary_writer = SummaryWriter(logdir=self.logdir, flush_secs=flush_secs)
+    self._warned_tags: set[str] = set()
 
   def write_scalars(self, step, scalars):
-    self.clu_writer.write_scalars(_as_step(step), {k: _as_float(k, v) for k, v in scalars.items()})
+    step = _as_step(step)
+    for key, value in scalars.items():
+      value = _as_float(key, value)  # the same checks as FileWriter
+      if key in ("step", EVAL_PREFIX + "step"):
+        continue
+      if not math.isfinite(value):
+        if key not in self._warned_tags:
+          self._warned_tags.add(key)
+          logging.warning("TensorBoard: scalar %r is %s at step %d; non-finite values are "
+                          "not written to %s (they are in the JSON-lines files)",
+                          key, value, step, self.logdir)
+        continue
+      self.summary_writer.add_scalar(key, value, global_step=step)
 
   def write_images(self, step, images):
-    self.clu_writer.write_images(
-        _as_step(step), {k: to_uint8_image(k, v)[None] for k, v in images.items()})
+    step = _as_step(step)
+    for name, image in images.items():
+      pixels = to_uint8_image(name, image)  # HxWxC uint8
+      if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)  # HxWx3: what TensorBoard shows as RGB
+      self.summary_writer.add_image(name, pixels, global_step=step, dataformats="HWC")
+    self.summary_writer.flush()  # rare (once per eval): show samples promptly
 
   def write_hparams(self, hparams):
-    self.clu_writer.write_hparams(_flat_hparams(_to_dict(hparams)))
+    from tensorboardX.summary import hparams as hparams_summary  # pylint: disable=g-import-not-at-top
+    values = _to_dict(hparams)
+    flat = _flat_hparams(values)
+    file_writer = self.summary_writer._get_file_writer()  # pylint: disable=protected-access
+    # Into this run's own event file (SummaryWriter.add_hparams would open a sub-run); the
+    # session-end record is left out: the run has only started.
+    experiment, session_start, _ = hparams_summary(flat, {})
+    file_writer.add_summary(experiment)
+    file_writer.add_summary(session_start)
+    text = json.dumps(values, indent=2, sort_keys=True, default=_json_default)
+    self.summary_writer.add_text("hparams", f"```json\n{text}\n```", global_step=0)
+    self.summary_writer.flush()
 
   def flush(self):
-    self.clu_writer.flush()
+    self.summary_writer.flush()
 
   def close(self):
-    self.clu_writer.close()
+    self.summary_writer.close()  # flushes, then closes the event file
 
 
 def make_writer(workdir: str, *, lead: bool = True, tensorboard: str = "auto") -> Writer:
@@ -200,15 +236,14 @@ def make_writer(workdir: str, *, lead: bool = True, tensorboard: str = "auto") -
     workdir: the run's directory (created if missing, on the lead process only).
     lead: False on the processes other than 0 of a multi-host job: they get a
       ``NullWriter`` and write nothing.
-    tensorboard: "auto": if TensorFlow imports, also write TensorBoard summaries with
-      ``clu.metric_writers.create_default_writer(WORKDIR/tensorboard, just_logging=False)``
-      (which also logs each scalar write at INFO); if it does not, only the files, with one
-      INFO line saying so. "on": TensorBoard is required (ImportError if TensorFlow or
-      clu's writers do not import). "off": files only; TensorFlow is never imported.
+    tensorboard: ``config.tensorboard``. "auto": also write TensorBoard event files to
+      ``WORKDIR/tensorboard`` with tensorboardX if it imports (it does on the default
+      install); if it does not, one warning and only the files. "on": the event files are
+      required (ImportError if tensorboardX does not import). "off": files only.
 
   Raises:
     ValueError: ``tensorboard`` is not "auto", "on" or "off".
-    ImportError: ``tensorboard="on"`` and TensorFlow (or ``clu.metric_writers``) does not import.
+    ImportError: ``tensorboard="on"`` and tensorboardX does not import.
   """
   if tensorboard not in TENSORBOARD_MODES:
     raise ValueError(f"make_writer: tensorboard must be one of {TENSORBOARD_MODES}, "
@@ -218,27 +253,21 @@ def make_writer(workdir: str, *, lead: bool = True, tensorboard: str = "auto") -
   if tensorboard == "off":
     return FileWriter(workdir)
   try:
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except Exception as e:  # ImportError, or a broken TensorFlow install
+    import tensorboardX  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except Exception as e:  # ImportError, or a broken install (e.g. a protobuf mismatch)
     if tensorboard == "on":
       raise ImportError(
-          f"make_writer(tensorboard='on') needs TensorFlow and clu.metric_writers, but the "
-          f"import failed ({type(e).__name__}: {e}). Install TensorFlow, or pass "
-          f"tensorboard='auto' or 'off' to write only {TRAIN_FILE}, {EVAL_FILE} and PNG "
-          f"samples to {workdir}.") from e
-    if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
-      logging.info("TensorBoard is off because TensorFlow is not installed; metrics go to "
-                   "%s and %s in %s", TRAIN_FILE, EVAL_FILE, workdir)
-    else:
-      logging.warning("TensorBoard is off because importing TensorFlow or clu.metric_writers "
-                      "failed (%s: %s); metrics go to %s and %s in %s",
-                      type(e).__name__, e, TRAIN_FILE, EVAL_FILE, workdir)
+          f"config.tensorboard='on' needs tensorboardX for the TensorBoard event files, but "
+          f"importing it failed ({type(e).__name__}: {e}). Install it "
+          f"(pip install 'tensorboardX>=2.6'), or set config.tensorboard='auto' or 'off' to "
+          f"write only {TRAIN_FILE}, {EVAL_FILE} and PNG samples to {workdir}.") from e
+    logging.warning("TensorBoard is off (config.tensorboard='auto') because importing "
+                    "tensorboardX failed (%s: %s); metrics go to %s and %s in %s",
+                    type(e).__name__, e, TRAIN_FILE, EVAL_FILE, workdir)
     return FileWriter(workdir)
   files = FileWriter(workdir)
-  board = metric_writers.create_default_writer(
-      os.path.join(os.fspath(workdir), TENSORBOARD_DIR), just_logging=False)
-  return MultiWriter([files, TensorBoardWriter(board)])
+  board = TensorBoardWriter(os.path.join(os.fspath(workdir), TENSORBOARD_DIR))
+  return MultiWriter([files, board])
 
 
 # ------------------------------------------------------------------- progress

@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   # What R1 differentiates per image: the 'sum' of D's patch logits, or their 'mean'
   # (the sum form is (h*w)^2 times stronger per branch).
   c.gp_logits = "sum"
+  # Beside the paper (0 in its method): the remix term (Neural Egg Separation): the
+  # blend of the batch's unpaired layer samples is separated with an L1 loss to them
+  # (sils_jax/losses.py remix_loss).
+  c.remix_weight = 0.0
 
   # --- optimisation (Sec. 4) ---
   c.learning_rate = 1e-4  # Adam, lr 0.0001
@@ -78,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.image_size = 128  # Sec. 5.1: 128x128
   c.layer_names = ("square", "circle")  # one name per layer; outputs and metrics use them
   c.shapes = ("square", "circle")  # synthetic shape kind of each layer (square/circle/triangle)
+  # synthetic: coloured layers (True), or gray ones as the authors' toy generator's
+  # use_color off path makes them (False)
+  c.synthetic_color = True
   c.num_train = 4000  # Sec. 5.2: 4000 training images (unpaired: x, y, z drawn independently)
   c.num_test = 1000  # 1000 test images (ground-truth triplets)
   c.blend_mode = "additive"  # x = y ⊕ z of eq. (1): 'additive' (reflection, toy) or 'multiplicative' (intrinsic)

@@ -341,19 +341,49 @@ def cycle_losses(x: Array, layers_pred: Sequence[Array], x_rec: Array,
   return out
 
 
+# ---------------------------------------------------------------------- remix
+
+
+def remix_loss(layers_pred: Array, layers_real: Array) -> Array:
+  """The remix term (Neural Egg Separation, Halperin et al., ICML 2019), not in the paper:
+
+      L_remix = | G(E(y_1 ⊕ ... ⊕ y_N)) - (y_1, ..., y_N) |
+
+  The batch holds unpaired real samples y_k of every layer; their blend
+  ``compose(y_1, ..., y_N)`` (computed by the caller with ``sils_jax.blend.compose``)
+  is a mixture whose layers are known, so separating it is trained with a mean L1
+  distance to those samples. No triplet of the training data is used; it works for
+  any N and either blend mode.
+
+  Args:
+    layers_pred: [B, N, H, W, C], the generator's layers of the blended samples.
+    layers_real: [B, N, H, W, C], the samples that were blended.
+
+  Returns:
+    A float32 scalar, >= 0.
+  """
+  pred, real = _f32(layers_pred), _f32(layers_real)
+  if pred.shape != real.shape:
+    raise ValueError(f"layers_pred {pred.shape} and layers_real {real.shape} must have the same shape")
+  return l1_distance(pred, real)
+
+
 # --------------------------------------------------------------------- totals
 
 
 def generator_objective(ss: Array, gan_g: Array, cc: Array, *, lambda0: float,
-                        w1: float = 1.0, w2: float = 1.0) -> Array:
+                        w1: float = 1.0, w2: float = 1.0, remix: Array = 0.0,
+                        remix_weight: float = 0.0) -> Array:
   """Generator (E, G) side of eq. (9): ``w1 L_SS + L_GAN + w2 L_CC``.
 
       min_{E,G} max_D  w1 L_SS + L_GAN + w2 L_CC                               (9)
 
   with lambda_0 of eq. (7) applied here: ``w1 * ss + lambda0 * gan_g + w2 * cc``.
-  (Paper: lambda_0 = 5; w1 = 1, w2 = 10 were found best in sec. 5.2.)
+  (Paper: lambda_0 = 5; w1 = 1, w2 = 10 were found best in sec. 5.2.) Beside the
+  paper: ``+ remix_weight * remix`` (``remix_loss``; 0 in the paper's method).
   """
-  return (_f32(w1) * _f32(ss) + _f32(lambda0) * _f32(gan_g) + _f32(w2) * _f32(cc))
+  return (_f32(w1) * _f32(ss) + _f32(lambda0) * _f32(gan_g) + _f32(w2) * _f32(cc)
+          + _f32(remix_weight) * _f32(remix))
 
 
 def discriminator_objective(gan_d: Array, *, lambda0: float, gp: Array = 0.0,

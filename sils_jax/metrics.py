@@ -20,6 +20,7 @@ so the functions are pure and jittable (``lmse``'s ``window`` is a static argume
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import dm_pix as pix
@@ -140,6 +141,47 @@ def trivial_baselines(x, true_layers, names: Sequence[str]) -> dict:
       "x_over_n": {name: x_over_n[k] for k, name in enumerate(names)},
       "zero": {name: zero[k] for k, name in enumerate(names)},
   }
+
+
+def order_invariant_mse(pred_layers, true_layers) -> jnp.ndarray:
+  """MSE under the best assignment of predicted to true layers, per image:
+
+      mean_b  min_pi  mean_k  mse(pred[b, pi(k)], true[b, k])
+
+  over all permutations pi of the N layers. A method that separates but swaps the
+  streams scores as well as one in order; compared with the mean of
+  ``per_layer_mse`` it shows whether a poor score is a wrong split or a swapped one.
+  """
+  pred_layers, true_layers = jnp.asarray(pred_layers, jnp.float32), jnp.asarray(true_layers, jnp.float32)
+  _check_layers(pred_layers, true_layers, [str(k) for k in range(pred_layers.shape[1])], "order_invariant_mse")
+  n = pred_layers.shape[1]
+  # pairwise[b, j, k] = mse(pred[b, j], true[b, k])
+  pairwise = jnp.mean(jnp.square(pred_layers[:, :, None] - true_layers[:, None]), axis=(3, 4, 5))
+  perms = jnp.asarray(list(itertools.permutations(range(n))))  # [P, N]: pi(k) = perms[p, k]
+  per_perm = jnp.mean(pairwise[:, perms, jnp.arange(n)], axis=-1)  # [B, P]
+  return jnp.mean(jnp.min(per_perm, axis=1))
+
+
+def leakage(pred_layers, true_layers, x) -> jnp.ndarray:
+  """How much of the other layers each predicted layer holds, per layer [N]:
+
+      leak_k = sum_{R_k} |pred_k|^2 / sum_{R_k} |x|^2,   R_k = (U_{j != k} M_j) \\ M_k
+
+  with M_j the pixels where true layer j is non-zero (any channel), summed over the
+  batch. 0 for a clean split, 0.25 for "each layer = x/2" (two layers), 1 for a copy
+  of x; NaN where R_k is empty in every image (no pixel to judge).
+  """
+  pred_layers, true_layers = jnp.asarray(pred_layers, jnp.float32), jnp.asarray(true_layers, jnp.float32)
+  x = jnp.asarray(x, jnp.float32)
+  _check_layers(pred_layers, true_layers, [str(k) for k in range(pred_layers.shape[1])], "leakage")
+  masks = jnp.any(true_layers > 0, axis=-1)  # [B, N, H, W]
+  n = masks.shape[1]
+  others = jnp.stack([jnp.any(jnp.delete(masks, k, axis=1, assume_unique_indices=True), axis=1)
+                      for k in range(n)], axis=1)
+  region = (others & ~masks)[..., None]  # [B, N, H, W, 1]
+  energy = jnp.sum(jnp.where(region, jnp.square(pred_layers), 0.0), axis=(0, 2, 3, 4))
+  reference = jnp.sum(jnp.where(region, jnp.square(x)[:, None], 0.0), axis=(0, 2, 3, 4))
+  return jnp.where(reference > 0, energy / jnp.where(reference > 0, reference, 1.0), jnp.nan)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Experiments (each a `python -m sils_jax.main` run, then `python -m sils_jax.eval
   no_ss       Fig. 3c ablation: λ1 = λ2 = λ3 = 0 (no self-supervision)
   no_cc       Fig. 3c ablation: λ4 = λ5 = λ6 = 0 (no cycle consistency)
   supervised  the upper bound: the same generator, L1 on paired training triplets
+  remix       beside the paper: the remix term alone (Neural Egg Separation; λ0 = w1 = w2 = 0)
+  ours        configs/ours.py (our method; its variants follow --quick / --three_layers)
   ratio_R     Fig. 3b bottom: (λ1 + λ2) / λ3 = R with λ3 = 1, e.g. ratio_0.1, ratio_10
   w_A_B       Fig. 4: w1 = A, w2 = B in eq. (9), with λ4 = λ5 = λ6 = 1 so that w2 is the whole
               cycle weight (the paper's best, w_1_10, is the same objective as full)
@@ -54,6 +56,10 @@ def overrides(name: str, num_layers: int) -> list[str]:
     return ["--config.lambda_cycle_x=0.0", f"--config.lambda_cycle_layers={zeros}"]
   if name == "supervised":
     return ["--config.objective=supervised"]
+  if name == "remix":  # the remix term alone: no GAN, SS or cycle terms (losses.remix_loss)
+    return ["--config.remix_weight=1.0", "--config.lambda0=0.0", "--config.w1=0.0", "--config.w2=0.0"]
+  if name == "ours":  # configs/ours.py as it is
+    return []
   if name.startswith("ratio_"):
     r = float(name.split("_", 1)[1])
     each = "(" + ",".join([repr(r / num_layers)] * num_layers) + ")"
@@ -66,7 +72,7 @@ def overrides(name: str, num_layers: int) -> list[str]:
     ones = "(" + ",".join(["1.0"] * num_layers) + ")"
     return [f"--config.w1={w1!r}", f"--config.w2={w2!r}", "--config.lambda_cycle_x=1.0",
             f"--config.lambda_cycle_layers={ones}"]
-  raise SystemExit(f"unknown experiment {name!r}: full, no_ss, no_cc, supervised, ratio_R or w_A_B")
+  raise SystemExit(f"unknown experiment {name!r}: full, no_ss, no_cc, supervised, remix, ours, ratio_R or w_A_B")
 
 
 def run_name(name: str, args) -> str:
@@ -87,7 +93,7 @@ def check_configs(root: str = ROOT) -> None:
 
 def run(name: str, seed: int, args) -> dict:
   variant = "_".join(v for v, on in (("three_layers", args.three_layers), ("quick", args.quick)) if on)
-  config = "configs/synthetic.py" + (f":{variant}" if variant else "")
+  config = ("configs/ours.py" if name == "ours" else "configs/synthetic.py") + (f":{variant}" if variant else "")
   num_layers = 3 if args.three_layers else 2
   extra = [f"--config.{kv}" for kv in args.set]
   workdir = os.path.join(args.workdir, f"{run_name(name, args)}_seed{seed}")

@@ -413,3 +413,54 @@ def test_mse_rejects_integer_images_but_keeps_float_behaviour():
   with pytest.raises(ValueError, match="trivial_baselines: x must be a float image"):
     metrics.trivial_baselines(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2, 8, 8, 3)),
                               ("a", "b"))
+
+
+# ---------------------------------------------------------------------------
+# Diagnostics: order-invariant MSE and leakage.
+
+
+def _shape_layers(rng, b, n, s=8):
+  """[b, n, s, s, 3] layers, each one constant-valued block somewhere, and their sum."""
+  layers = np.zeros((b, n, s, s, 3), np.float32)
+  for i in range(b):
+    for k in range(n):
+      r, c = rng.integers(0, s - 3, 2)
+      layers[i, k, r:r + 3, c:c + 3] = rng.uniform(0.1, 0.5)
+  return layers, layers.sum(1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.sampled_from([2, 3]))
+def test_order_invariant_mse_ignores_the_layer_order(seed, n):
+  rng = np.random.default_rng(seed)
+  true, _ = _shape_layers(rng, 3, n)
+  pred = np.clip(true + rng.normal(0, 0.05, true.shape), 0, 1).astype(np.float32)
+  got = float(metrics.order_invariant_mse(pred, true))
+  assert got <= float(np.mean([metrics.mse(pred[:, k], true[:, k]) for k in range(n)])) + 1e-7
+  perm = rng.permutation(n)
+  assert float(metrics.order_invariant_mse(pred[:, perm], true)) == pytest.approx(got, rel=1e-5)
+  assert float(metrics.order_invariant_mse(true[:, perm], true)) == 0.0
+  # a reference: the best permutation per image, by brute force in numpy
+  import itertools
+  ref = np.mean([min(np.mean([np.mean((pred[i, p[k]] - true[i, k]) ** 2) for k in range(n)])
+                     for p in itertools.permutations(range(n))) for i in range(len(true))])
+  assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_leakage_is_zero_for_a_clean_split_a_quarter_for_x_over_2_one_for_copies():
+  rng = np.random.default_rng(0)
+  true, x = _shape_layers(rng, 6, 2)
+  np.testing.assert_allclose(metrics.leakage(true, true, x), 0.0, atol=0)
+  np.testing.assert_allclose(metrics.leakage(np.stack([x / 2] * 2, 1), true, x), 0.25, rtol=1e-6)
+  np.testing.assert_allclose(metrics.leakage(np.stack([x] * 2, 1), true, x), 1.0, rtol=1e-6)
+  # leaking only into layer 0: its score moves, layer 1's does not
+  leaky = true.copy()
+  leaky[:, 0] += true[:, 1]
+  got = np.asarray(metrics.leakage(leaky, true, x))
+  assert got[0] > 0.5 and got[1] == 0.0
+  # layer 0 covers every pixel, so no pixel belongs to the other layer only: NaN for
+  # layer 0, not a made-up number
+  covered = true.copy()
+  covered[:, 0] = 0.3
+  got = np.asarray(metrics.leakage(covered, covered, covered.sum(1)))
+  assert np.isnan(got[0]) and got[1] == 0.0

@@ -372,3 +372,32 @@ def test_trivial_baseline_calibration():
   x_half = {k: 100 * float(v) for k, v in scores["x_over_n"].items()}
   assert x_half["square"] == pytest.approx(x_half["circle"], rel=1e-4)  # by symmetry
   assert 0.65 < x_half["square"] < 1.05
+
+
+@pytest.mark.parametrize("shapes", [TWO, THREE])
+def test_grayscale_layers_are_the_gray_of_the_colour_layers(shapes):
+  """color=False (the authors' use_color off path): every layer is its colour layer's
+  luma 0.299 R + 0.587 G + 0.114 B in all three channels, same shapes and weights;
+  x is still their sum."""
+  for index in range(10):
+    x_c, layers_c = render_triplet(3, "test", 0, index, image_size=32, shapes=shapes)
+    x_g, layers_g = render_triplet(3, "test", 0, index, image_size=32, shapes=shapes, color=False)
+    luma = layers_c @ np.array([0.299, 0.587, 0.114], np.float32)
+    for ch in range(3):
+      np.testing.assert_allclose(layers_g[..., ch], luma, atol=2e-6)
+    np.testing.assert_allclose(x_g, layers_g.sum(0), atol=1e-6)
+    assert ((layers_g > 0) == (layers_c > 0).any(-1, keepdims=True)).all()
+    np.testing.assert_array_equal(render_layer(3, "test", 0, index, 1, image_size=32, shapes=shapes,
+                                               color=False), layers_g[1])
+
+
+def test_grayscale_dataset_batches_and_baseline():
+  gray = SyntheticLayers(image_size=32, num_train=8, num_test=4, color=False)
+  batch = gray.train_batch(0, 2)
+  for images in (batch["x"], batch["layers"], gray.test_arrays()["x"]):
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    np.testing.assert_array_equal(images[..., 1], images[..., 2])
+  assert "color=False" in repr(gray)
+  colour = SyntheticLayers(image_size=32, num_train=8, num_test=4).train_batch(0, 2)
+  # the same draws: the same shapes where the colour images have them
+  np.testing.assert_array_equal(batch["layers"][..., 0] > 0, (colour["layers"] > 0).any(-1))

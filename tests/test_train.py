@@ -36,6 +36,10 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
            [f"cc_{i}" for i in range(num_layers)] + [f"gan_g_{i}" for i in range(num_layers)]:
     assert np.isfinite(m[k]), k
   assert m["g_grad_norm"] > 0 and m["d_grad_norm"] > 0
+  # D diagnostics: shares of logits on the right side of 0, per layer
+  for k in range(num_layers):
+    for kind in ("real", "fake", "real_image", "fake_image"):
+      assert 0.0 <= m[f"d{k}_acc_{kind}"] <= 1.0
   assert int(g1.step) == 1 and int(d1.step) == 1
   changed = lambda a, b: any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert changed(g0.params, g1.params) and changed(d0.params, d1.params)
@@ -47,6 +51,25 @@ def test_one_step_updates_generator_and_discriminator(num_layers):
   c = tiny_config(num_layers)
   assert m["g_total"] == pytest.approx(c.w1 * m["ss"] + c.lambda0 * m["gan_g"] + c.w2 * m["cc"], rel=1e-5)
   assert m["d_total"] == pytest.approx(c.lambda0 * m["gan_d"] + c.gp_weight * m["r1"], rel=1e-5)
+
+
+def test_remix_term_adds_its_weighted_loss_and_alone_leaves_d_untrained():
+  # the paper's terms plus remix: g_total gains remix_weight * remix
+  c = tiny_config()
+  c.remix_weight = 2.0
+  _, _, _, _, m = _one_step(c)
+  assert np.isfinite(m["remix"]) and m["remix"] > 0
+  assert m["g_total"] == pytest.approx(c.w1 * m["ss"] + c.lambda0 * m["gan_g"] + c.w2 * m["cc"]
+                                       + 2.0 * m["remix"], rel=1e-5)
+  # remix alone (λ0 = w1 = w2 = 0): one generator pass on the blended layer samples;
+  # D is neither run nor trained, and no other term is reported
+  c.lambda0, c.w1, c.w2 = 0.0, 0.0, 0.0
+  c.synthetic_color = False
+  g0, d0, g1, d1, m = _one_step(c)
+  assert m["g_total"] == pytest.approx(2.0 * m["remix"], rel=1e-6) and m["g_grad_norm"] > 0
+  assert not {"ss", "gan_g", "cc", "gan_d", "r1"} & set(m)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(d0.params), jax.tree.leaves(d1.params)))
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(g0.params), jax.tree.leaves(g1.params)))
 
 
 def test_batchnorm_syncs_over_devices_only_when_there_are_several():
@@ -215,6 +238,8 @@ def test_main_end_to_end_then_resume(tmp_path, caplog):
     ("layer_names", ("a", "a"), "config.layer_names"),
     ("cpu_kernels", "fast", "config.cpu_kernels"),
     ("objective", "paired", "config.objective"),
+    ("remix_weight", -1.0, "config.remix_weight"),
+    ("no_such_field", 1, "unknown fields"),
 ])
 def test_bad_config_fields_raise_clear_errors(field, value, match):
   c = tiny_config()
@@ -230,3 +255,19 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert out.returncode != 0
   assert "config.image_size" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("variant", ["", "quick", "three_layers_quick"])
+def test_ours_config_is_the_paper_config_with_remix_on_gray_layers(variant):
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import ours
+  import synthetic
+  paper, mine = synthetic.get_config(variant), ours.get_config(variant)
+  config_checks.validate(paper)
+  config_checks.validate(mine)
+  # the paper's method keeps its meaning: no remix, coloured layers, every eq. (9) term
+  assert paper.remix_weight == 0.0 and paper.synthetic_color and paper.lambda0 == 5.0
+  assert (mine.remix_weight, mine.synthetic_color, mine.lambda0, mine.w1, mine.w2) == (1.0, False, 0.0, 0.0, 0.0)
+  assert mine.layer_names == paper.layer_names and mine.image_size == paper.image_size
+  if variant.endswith("quick"):
+    assert mine.num_train_steps == 6000

@@ -14,6 +14,10 @@ Per layer k (of kind ``shapes[k]``), on an ``S x S`` RGB canvas with values in [
   triangle: filled equilateral, centre = anchor, circumradius ``s``,
   rotation ``theta ~ U[0, 2 pi)``.
 
+Grayscale (``color=False``, the authors' ``use_color`` off path): every weighted layer
+is converted to gray, ``0.299 R + 0.587 G + 0.114 B`` (OpenCV's BGR2GRAY on the
+channel order it was drawn in), and repeated to 3 channels; then ``x`` is their sum.
+
 Shapes may extend past the border; they are clipped to the image. Rasterisation
 samples pixel centres: pixel (i, j) (row i, column j) is inside when its centre
 ``(j + 0.5, i + 0.5)`` is inside the shape.
@@ -133,11 +137,17 @@ def shape_mask(kind: str, size: float, ax: float, ay: float, angle: float,
   raise ValueError(f"unknown shape kind {kind!r}; allowed kinds: {SHAPES}")
 
 
+GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as OpenCV's BGR2GRAY
+
+
 def _layer_image(kind: str, colour: np.ndarray, geometry: np.ndarray, weight: float,
-                 image_size: int) -> np.ndarray:
-  """[S, S, 3] float32: ``weight * colour`` on the shape, exact zeros elsewhere."""
+                 image_size: int, color: bool = True) -> np.ndarray:
+  """[S, S, 3] float32: ``weight * colour`` on the shape (its gray value in every
+  channel when ``color`` is False), exact zeros elsewhere."""
   size, ax, ay, angle = geometry
   mask = shape_mask(kind, size, ax, ay, angle, image_size).astype(np.float32)
+  if not color:
+    colour = np.full(3, float(GRAY_WEIGHTS @ colour))
   value = (weight * colour).astype(np.float32)
   out = np.empty((image_size, image_size, 3), np.float32)
   for c in range(3):  # per channel: ~8x faster than broadcasting a length-3 axis
@@ -151,7 +161,7 @@ def _rng(seed: int, split: str, domain: int, index: int) -> np.random.Generator:
 
 def render_triplet(seed: int, split: str, domain: int, index: int, *,
                    image_size: int = 128,
-                   shapes: Sequence[str] = ("square", "circle"),
+                   shapes: Sequence[str] = ("square", "circle"), color: bool = True,
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Renders one (x, layers) triplet.
 
@@ -168,7 +178,7 @@ def render_triplet(seed: int, split: str, domain: int, index: int, *,
   colours, geometry, weights = _draw_params(rng, shapes, image_size)
   layers = np.empty((len(shapes), image_size, image_size, 3), np.float32)
   for k, kind in enumerate(shapes):
-    layers[k] = _layer_image(kind, colours[k], geometry[k], weights[k], image_size)
+    layers[k] = _layer_image(kind, colours[k], geometry[k], weights[k], image_size, color)
   x = layers[0].copy()
   for layer in layers[1:]:
     x += layer  # float32 sums, in layer order: x == sum of the layers
@@ -177,7 +187,7 @@ def render_triplet(seed: int, split: str, domain: int, index: int, *,
 
 def render_layer(seed: int, split: str, domain: int, index: int, layer: int, *,
                  image_size: int = 128,
-                 shapes: Sequence[str] = ("square", "circle")) -> np.ndarray:
+                 shapes: Sequence[str] = ("square", "circle"), color: bool = True) -> np.ndarray:
   """``render_triplet(...)[1][layer]`` without rasterising the other layers."""
   shapes = _check_shapes(shapes)
   image_size = _check_image_size(image_size)
@@ -186,7 +196,7 @@ def render_layer(seed: int, split: str, domain: int, index: int, layer: int, *,
   rng = _rng(seed, split, domain, index)
   colours, geometry, weights = _draw_params(rng, shapes, image_size)
   return _layer_image(shapes[layer], colours[layer], geometry[layer], weights[layer],
-                      image_size)
+                      image_size, color)
 
 
 class SyntheticLayers:
@@ -200,8 +210,9 @@ class SyntheticLayers:
 
   def __init__(self, *, image_size: int = 128,
                shapes: Sequence[str] = ("square", "circle"),
-               num_train: int = 4000, num_test: int = 1000, seed: int = 0):
+               num_train: int = 4000, num_test: int = 1000, seed: int = 0, color: bool = True):
     self.image_size = _check_image_size(image_size)
+    self.color = bool(color)
     self.shapes = _check_shapes(shapes)
     for name, value in (("num_train", num_train), ("num_test", num_test)):
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -216,7 +227,7 @@ class SyntheticLayers:
 
   def __repr__(self) -> str:
     return (f"SyntheticLayers(image_size={self.image_size}, shapes={self.shapes}, "
-            f"num_train={self.num_train}, num_test={self.num_test}, seed={self.seed})")
+            f"num_train={self.num_train}, num_test={self.num_test}, seed={self.seed}, color={self.color})")
 
   def train_indices(self, domain: int, positions: np.ndarray) -> np.ndarray:
     """Example index of domain ``domain`` at global example positions ``positions``
@@ -241,14 +252,15 @@ class SyntheticLayers:
     x = np.empty((b, s, s, 3), np.float32)
     layers = np.empty((b, n, s, s, 3), np.float32)
     for row, i in enumerate(self.train_indices(0, positions)):
-      x[row], true_layers = render_triplet(self.seed, "train", 0, i, image_size=s, shapes=self.shapes)
+      x[row], true_layers = render_triplet(self.seed, "train", 0, i, image_size=s, shapes=self.shapes,
+                                            color=self.color)
       if paired:
         layers[row] = true_layers
     if not paired:
       for k in range(n):
         for row, i in enumerate(self.train_indices(k + 1, positions)):
           layers[row, k] = render_layer(self.seed, "train", k + 1, i, k, image_size=s,
-                                        shapes=self.shapes)
+                                        shapes=self.shapes, color=self.color)
     return {"x": x, "layers": layers}
 
   def _test_range(self, start: int, stop: int) -> dict:
@@ -258,7 +270,7 @@ class SyntheticLayers:
     layers = np.empty((count, n, s, s, 3), np.float32)
     for row, i in enumerate(range(start, stop)):
       x[row], layers[row] = render_triplet(self.seed, "test", 0, i, image_size=s,
-                                           shapes=self.shapes)
+                                           shapes=self.shapes, color=self.color)
     return {"x": x, "layers": layers, "index": np.arange(start, stop, dtype=np.int64)}
 
   def test_batches(self, batch_size: int) -> Iterator[dict]:

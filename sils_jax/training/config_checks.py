@@ -98,6 +98,11 @@ def validate(config) -> None:
   _need(len(config.ss_levels) >= 1 and all(0 <= int(l) < depth for l in config.ss_levels),
         "ss_levels", f"encoder level indices in [0, {depth - 1}]", config.ss_levels)
   _need(config.gp_weight >= 0, "gp_weight", "a number >= 0", config.gp_weight)
+  _need(config.remix_weight >= 0, "remix_weight", "a number >= 0 (0: no remix term, as in the paper)",
+        config.remix_weight)
+  _need(config.synthetic_color or config.dataset == "synthetic", "synthetic_color",
+        "True unless config.dataset='synthetic' (only the on-the-fly renderer draws gray layers)",
+        config.synthetic_color)
   _need(config.gp_logits in GP_LOGITS, "gp_logits", f"one of {GP_LOGITS}",
         config.gp_logits)
   _need(config.learning_rate > 0, "learning_rate", "a positive number", config.learning_rate)

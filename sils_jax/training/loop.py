@@ -34,7 +34,8 @@ def make_dataset(config):
   have the same interface and the same sampling order (``data/sampling.py``)."""
   if config.dataset == "synthetic":
     return SyntheticLayers(image_size=config.image_size, shapes=tuple(config.shapes),
-                           num_train=config.num_train, num_test=config.num_test, seed=config.seed)
+                           num_train=config.num_train, num_test=config.num_test, seed=config.seed,
+                           color=config.synthetic_color)
   from sils_jax.data import builders, pipeline
   options = dataset_options(config)
   data_dir = config.data_dir or os.path.expanduser("~/tensorflow_datasets")
@@ -112,6 +113,11 @@ class Evaluator:
     per = metrics.per_layer_mse(pred, self.test["layers"], self.names)
     out = {f"mse100_{k}": float(v) * 100 for k, v in per.items()}
     out["mse100_mean"] = float(np.mean(list(out.values())))
+    # diagnostics: the mean MSE under the best layer order, and each layer's share of
+    # the other layers (0: clean, 0.25: x/2 for two layers)
+    out["order_invariant_mse100"] = float(metrics.order_invariant_mse(pred, self.test["layers"])) * 100
+    for name, value in zip(self.names, np.asarray(metrics.leakage(pred, self.test["layers"], self.test["x"]))):
+      out[f"leak_{name}"] = float(value)
     return out
 
   def samples(self, g_state) -> np.ndarray:
@@ -236,7 +242,7 @@ def train_and_evaluate(config, workdir: str, *, return_states: bool = False,
         m = {k: float(v) for k, v in interval.compute().items()}
         interval = None
         m.update(rates, lr=float(lr_fn(done - 1)))
-        terms = "  ".join(f"{k} {m[k]:.4f}" for k in ("g_total", "ss", "gan_g", "cc", "d_total", "l1")
+        terms = "  ".join(f"{k} {m[k]:.4f}" for k in ("g_total", "ss", "gan_g", "cc", "remix", "d_total", "l1")
                           if k in m)
         logging.info("step %d/%d  %.2f steps/s  eta %s  %s", done, total, rates["steps_per_s"],
                      eta_str(rates["eta_s"]), terms)

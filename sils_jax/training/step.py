@@ -42,6 +42,12 @@ class LossConfig:
   # R1 on the gradient of D's 'sum' of patch logits per image, or of their 'mean' (R1
   # as for one scalar D output per image: the sum form's penalty over (h*w)^2 per branch)
   gp_logits: str = "sum"
+  remix_weight: float = 0.0  # weight of losses.remix_loss (not in the paper; 0 there)
+
+  @property
+  def uses_gan(self) -> bool:
+    """Whether the GAN terms count (lambda0 > 0): else D is neither run nor trained."""
+    return self.lambda0 != 0
 
   @classmethod
   def from_config(cls, config) -> "LossConfig":
@@ -53,7 +59,7 @@ class LossConfig:
         alpha=float(config.alpha), w1=float(config.w1), w2=float(config.w2), ss_mode=config.ss_mode,
         ss_levels=tuple(int(l) for l in config.ss_levels), ss_scale=float(config.ss_scale),
         gp_weight=float(config.gp_weight), objective=config.objective,
-        gp_logits=config.gp_logits)
+        gp_logits=config.gp_logits, remix_weight=float(config.remix_weight))
 
 
 def _levels(codes: list[list[jax.Array]], levels: tuple[int, ...]) -> list[Any]:
@@ -66,7 +72,9 @@ def _unstack(layers: jax.Array) -> list[jax.Array]:
 
 
 def generator_loss(g_params, g_state, d_params, d_apply, batch, cfg: LossConfig):
-  """Eq. (9), generator side: w1 L_SS + λ0 L_GAN + w2 L_CC (λ4..λ6 inside L_CC)."""
+  """Eq. (9), generator side: w1 L_SS + λ0 L_GAN + w2 L_CC (λ4..λ6 inside L_CC), plus
+  ``remix_weight`` L_remix beside the paper. A term whose weight is 0 is not computed
+  (it would add exactly 0), so 'remix alone' costs one generator pass."""
   x, real_layers = batch["x"], batch["layers"]
   stats = g_state.batch_stats
 
@@ -77,23 +85,43 @@ def generator_loss(g_params, g_state, d_params, d_apply, batch, cfg: LossConfig)
     stats = upd["batch_stats"]
     return out
 
-  codes_x, preds = run("separate", x)  # f_k = E_k(x), y'_k = G_k(f_k)
-  codes_layers = run("encode_layers", real_layers)  # E_k(y_k), unpaired y_k
-  x_rec = blend.compose(jnp.moveaxis(preds, 1, 0), cfg.blend_mode)  # x' = y' ⊕ z'
-  _, cycles = run("separate", x_rec)  # G_k(E_k(x'))
-
-  ss = losses.ss_loss(_levels(codes_x, cfg.ss_levels), _levels(codes_layers, cfg.ss_levels),
-                      lambda_intra=cfg.lambda_intra, lambda_inter=cfg.lambda_inter, alpha=cfg.alpha,
-                      mode=cfg.ss_mode, scale=cfg.ss_scale)
-  fake_logits = d_apply({"params": d_params}, preds)
-  gan_terms = [losses.gan_g_loss(cfg.gan_loss, fl) for fl in fake_logits]
-  gan_g = sum(gan_terms)
-  cc = losses.cycle_losses(x, _unstack(preds), x_rec, _unstack(cycles), lambda_x=cfg.lambda_cycle_x,
-                           lambda_layers=cfg.lambda_cycle_layers)
-  total = losses.generator_objective(ss["ss"], gan_g, cc["cc"], lambda0=cfg.lambda0, w1=cfg.w1, w2=cfg.w2)
-  metrics = {**ss, **cc, "gan_g": gan_g, "g_total": total}
-  for k, t in enumerate(gan_terms):
-    metrics[f"gan_g_{k}"] = t
+  zero = jnp.zeros((), jnp.float32)
+  metrics = {}
+  preds = jnp.zeros_like(real_layers)  # unused when only the remix term counts
+  if cfg.w1 != 0 or cfg.uses_gan or cfg.w2 != 0:
+    codes_x, preds = run("separate", x)  # f_k = E_k(x), y'_k = G_k(f_k)
+  ss = {"ss": zero}
+  if cfg.w1 != 0:
+    codes_layers = run("encode_layers", real_layers)  # E_k(y_k), unpaired y_k
+    ss = losses.ss_loss(_levels(codes_x, cfg.ss_levels), _levels(codes_layers, cfg.ss_levels),
+                        lambda_intra=cfg.lambda_intra, lambda_inter=cfg.lambda_inter, alpha=cfg.alpha,
+                        mode=cfg.ss_mode, scale=cfg.ss_scale)
+    metrics.update(ss)
+  gan_g = zero
+  if cfg.uses_gan:
+    fake_logits = d_apply({"params": d_params}, preds)
+    gan_terms = [losses.gan_g_loss(cfg.gan_loss, fl) for fl in fake_logits]
+    gan_g = sum(gan_terms)
+    metrics["gan_g"] = gan_g
+    for k, t in enumerate(gan_terms):
+      metrics[f"gan_g_{k}"] = t
+  cc = {"cc": zero}
+  if cfg.w2 != 0:
+    x_rec = blend.compose(jnp.moveaxis(preds, 1, 0), cfg.blend_mode)  # x' = y' ⊕ z'
+    _, cycles = run("separate", x_rec)  # G_k(E_k(x'))
+    cc = losses.cycle_losses(x, _unstack(preds), x_rec, _unstack(cycles), lambda_x=cfg.lambda_cycle_x,
+                             lambda_layers=cfg.lambda_cycle_layers)
+    metrics.update(cc)
+  remix = zero
+  if cfg.remix_weight != 0:
+    # the blend of the batch's unpaired layer samples: a mixture with known layers
+    x_mix = blend.compose(jnp.moveaxis(real_layers, 1, 0), cfg.blend_mode)
+    _, remixed = run("separate", x_mix)
+    remix = losses.remix_loss(remixed, real_layers)
+    metrics["remix"] = remix
+  total = losses.generator_objective(ss["ss"], gan_g, cc["cc"], lambda0=cfg.lambda0, w1=cfg.w1, w2=cfg.w2,
+                                     remix=remix, remix_weight=cfg.remix_weight)
+  metrics["g_total"] = total
   return total, (metrics, stats, preds)
 
 
@@ -114,6 +142,7 @@ def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossCon
   metrics = {"gan_d": gan_d}
   for k, t in enumerate(terms):
     metrics[f"gan_d_{k}"] = t
+    metrics.update(_d_accuracies(k, real_logits[k], fake_logits[k]))
   gp = jnp.zeros(())
   if cfg.gp_weight > 0:
     if cfg.gp_logits not in GP_LOGITS:
@@ -131,6 +160,17 @@ def discriminator_loss(d_params, d_apply, real_layers, fake_layers, cfg: LossCon
   total = losses.discriminator_objective(gan_d, lambda0=cfg.lambda0, gp=gp, gp_weight=cfg.gp_weight)
   metrics["d_total"] = total
   return total, metrics
+
+
+def _d_accuracies(k: int, real: list[jax.Array], fake: list[jax.Array]) -> dict[str, jax.Array]:
+  """Diagnostics of D_k (all branches): the share of patch logits on the right side of 0
+  for real and for fake layers, and the same for each image's mean logit. 0.5 is chance;
+  a D at chance gives the generator no signal."""
+  lget = lambda ls, sign: jnp.mean(jnp.stack([jnp.mean((sign * l > 0).astype(jnp.float32)) for l in ls]))
+  img = lambda ls, sign: jnp.mean(jnp.stack([jnp.mean((sign * jnp.mean(l, axis=(1, 2, 3)) > 0)
+                                                      .astype(jnp.float32)) for l in ls]))
+  return {f"d{k}_acc_real": lget(real, 1.0), f"d{k}_acc_fake": lget(fake, -1.0),
+          f"d{k}_acc_real_image": img(real, 1.0), f"d{k}_acc_fake_image": img(fake, -1.0)}
 
 
 def _global_norm(tree) -> jax.Array:
@@ -158,7 +198,7 @@ def train_step(g_state, d_state, batch, cfg: LossConfig):
   metrics = {**g_metrics, "g_grad_norm": _global_norm(g_grads)}
 
   d_grads = None
-  if not supervised:
+  if not supervised and cfg.uses_gan:
     # The discriminator's gradient uses the pre-update generator's layers, so it does
     # not depend on the generator update; both updates are applied together below.
     fakes = jax.lax.stop_gradient(preds)

@@ -156,7 +156,8 @@ def order_invariant_mse(pred_layers, true_layers) -> jnp.ndarray:
   _check_layers(pred_layers, true_layers, [str(k) for k in range(pred_layers.shape[1])], "order_invariant_mse")
   n = pred_layers.shape[1]
   # pairwise[b, j, k] = mse(pred[b, j], true[b, k])
-  pairwise = jnp.mean(jnp.square(pred_layers[:, :, None] - true_layers[:, None]), axis=(3, 4, 5))
+  pairwise = jnp.stack([jnp.stack([jnp.mean(jnp.square(pred_layers[:, j] - true_layers[:, k]), axis=(1, 2, 3))
+                                   for k in range(n)], axis=1) for j in range(n)], axis=1)
   perms = jnp.asarray(list(itertools.permutations(range(n))))  # [P, N]: pi(k) = perms[p, k]
   per_perm = jnp.mean(pairwise[:, perms, jnp.arange(n)], axis=-1)  # [B, P]
   return jnp.mean(jnp.min(per_perm, axis=1))

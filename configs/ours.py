@@ -14,8 +14,6 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic import get_config as _synthetic  # noqa: E402
 
-VARIANTS = ("", "quick", "three_layers", "three_layers_quick")
-
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c = _synthetic(variant)

@@ -166,11 +166,12 @@ def _d_accuracies(k: int, real: list[jax.Array], fake: list[jax.Array]) -> dict[
   """Diagnostics of D_k (all branches): the share of patch logits on the right side of 0
   for real and for fake layers, and the same for each image's mean logit. 0.5 is chance;
   a D at chance gives the generator no signal."""
-  lget = lambda ls, sign: jnp.mean(jnp.stack([jnp.mean((sign * l > 0).astype(jnp.float32)) for l in ls]))
-  img = lambda ls, sign: jnp.mean(jnp.stack([jnp.mean((sign * jnp.mean(l, axis=(1, 2, 3)) > 0)
-                                                      .astype(jnp.float32)) for l in ls]))
-  return {f"d{k}_acc_real": lget(real, 1.0), f"d{k}_acc_fake": lget(fake, -1.0),
-          f"d{k}_acc_real_image": img(real, 1.0), f"d{k}_acc_fake_image": img(fake, -1.0)}
+  def share(branches, sign, per_image):  # mean over branches of the share with sign * logit > 0
+    scores = [jnp.mean(l, axis=(1, 2, 3)) if per_image else l for l in branches]
+    return jnp.mean(jnp.stack([jnp.mean((sign * v > 0).astype(jnp.float32)) for v in scores]))
+
+  return {f"d{k}_acc_real": share(real, 1.0, False), f"d{k}_acc_fake": share(fake, -1.0, False),
+          f"d{k}_acc_real_image": share(real, 1.0, True), f"d{k}_acc_fake_image": share(fake, -1.0, True)}
 
 
 def _global_norm(tree) -> jax.Array:
